@@ -1,0 +1,33 @@
+"""doredis: foreach-style parallel Python on a Redis queue, from a laptop to a Kubernetes cluster.
+
+>>> from doredis import parallel_foreach
+>>> parallel_foreach(range(100), lambda x: x * x)[:3]
+[0, 1, 4]
+"""
+
+from .context import preloaded, task_rng
+from .driver.api import attach, imap, parallel_foreach, submit
+from .driver.executor import Executor
+from .driver.run import Run
+from .embedded import local_cluster
+from .errors import RunCancelled, TaskError, TaskTimeout, WorkerLost
+from .serialization import SignatureError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Executor",
+    "Run",
+    "RunCancelled",
+    "SignatureError",
+    "TaskError",
+    "TaskTimeout",
+    "WorkerLost",
+    "attach",
+    "imap",
+    "local_cluster",
+    "parallel_foreach",
+    "preloaded",
+    "submit",
+    "task_rng",
+]

@@ -1,0 +1,187 @@
+"""The ``doredis`` command line. Every worker option also reads an environment variable,
+because that is how container images and pod specs configure a process."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import click
+
+from . import connection
+from .protocol import DEFAULT_QUEUE
+
+REDIS_HELP = "Redis URL (redis://, rediss://, unix://); default DOREDIS_REDIS_URL, then REDIS_URL."
+
+
+def _client(url: str | None):
+    resolved = connection.resolve_url(url)
+    if resolved is None:
+        raise click.ClickException("no Redis server: pass --redis URL or set DOREDIS_REDIS_URL")
+    try:
+        return connection.connect(resolved)
+    except (connection.RedisUnavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DOREDIS"})
+@click.version_option(package_name="doredis")
+def main() -> None:
+    """foreach-style parallel Python on a Redis queue."""
+
+
+@main.command()
+@click.option("--redis", "redis_url", envvar=["DOREDIS_REDIS_URL", "REDIS_URL"], help=REDIS_HELP)
+@click.option(
+    "--queue", default=DEFAULT_QUEUE, show_default=True, envvar="DOREDIS_QUEUE", help="Queue to pull from."
+)
+@click.option(
+    "--preload",
+    envvar="DOREDIS_PRELOAD",
+    help="module:function run once at start; tasks read its value with doredis.preloaded().",
+)
+@click.option(
+    "--max-chunks",
+    type=click.IntRange(min=1),
+    envvar="DOREDIS_MAX_CHUNKS",
+    help="Exit after this many chunks.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.IntRange(min=1),
+    envvar="DOREDIS_IDLE_TIMEOUT",
+    help="Exit after this many seconds without work.",
+)
+@click.option("--burst", is_flag=True, envvar="DOREDIS_BURST", help="Exit when the queue is empty.")
+@click.option("--fork", is_flag=True, envvar="DOREDIS_FORK", help="Run each chunk in a forked process.")
+@click.option("--log-level", envvar="DOREDIS_LOG_LEVEL", default="INFO", show_default=True)
+def worker(redis_url, queue, preload, max_chunks, idle_timeout, burst, fork, log_level) -> None:
+    """Pull chunks of tasks from the queue and run them. SIGTERM: finish the chunk in hand, then exit 0."""
+    from .worker.main import run_worker
+
+    try:
+        code = run_worker(redis_url, queue, preload, max_chunks, idle_timeout, burst, fork, log_level)
+    except (
+        connection.RedisUnavailable,
+        connection.NoServerConfigured,
+        ValueError,
+        ImportError,
+        AttributeError,
+    ) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--redis", "redis_url", envvar=["DOREDIS_REDIS_URL", "REDIS_URL"], help=REDIS_HELP)
+def ping(redis_url) -> None:
+    """Exit 0 when Redis is reachable (a health check for containers and probes)."""
+    conn = _client(redis_url)
+    click.echo(f"PONG from {connection.describe(conn)}")
+
+
+@main.command()
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes [default: CPUs].")
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, envvar="DOREDIS_QUEUE")
+@click.option("--preload", envvar="DOREDIS_PRELOAD", help="module:function for every worker.")
+def local(workers, queue, preload) -> None:
+    """Run an embedded Redis and N workers in the foreground; print the URL for drivers."""
+    from .embedded import local_cluster
+
+    with local_cluster(workers, queue, preload) as cluster:
+        click.echo(f"DOREDIS_REDIS_URL={cluster.redis_url}", err=False)
+        click.echo(f"{len(cluster.workers)} workers on queue {queue!r}; Ctrl-C stops them.", err=True)
+        sys.stdout.flush()
+        try:
+            while cluster.workers or workers == 0:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.option("--redis", "redis_url", envvar=["DOREDIS_REDIS_URL", "REDIS_URL"], help=REDIS_HELP)
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, envvar="DOREDIS_QUEUE")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+def status(redis_url, queue, watch) -> None:
+    """Queue depth, runs with progress, and workers (name, state, chunks done, failures)."""
+    from .status import format_status, queue_status
+
+    conn = _client(redis_url)
+    while True:
+        text = format_status(queue_status(conn, queue))
+        if watch:
+            click.clear()
+        click.echo(text)
+        if not watch:
+            return
+        time.sleep(1)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--redis", "redis_url", envvar=["DOREDIS_REDIS_URL", "REDIS_URL"], help=REDIS_HELP)
+def cancel(run_id, redis_url) -> None:
+    """Cancel a run: queued chunks are removed, chunks in progress are dropped."""
+    from .driver.api import attach
+
+    _client(redis_url)
+    try:
+        run = attach(run_id, redis=connection.resolve_url(redis_url))
+    except (LookupError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    removed = run.cancel()
+    click.echo(f"run {run_id} cancelled; {removed} queued chunks removed")
+
+
+@main.command()
+@click.option("--redis", "redis_url", envvar=["DOREDIS_REDIS_URL", "REDIS_URL"], help=REDIS_HELP)
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, envvar="DOREDIS_QUEUE")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge(redis_url, queue, yes) -> None:
+    """Empty the queue and delete its runs' data (R doRedis's removeQueue)."""
+    from .status import purge as purge_queue
+
+    conn = _client(redis_url)
+    if not yes:
+        click.confirm(f"Delete every queued chunk and run of queue {queue!r}?", abort=True)
+    chunks, runs = purge_queue(conn, queue)
+    click.echo(f"queue {queue!r} purged: {chunks} queued chunks and {runs} runs removed")
+
+
+@main.command()
+@click.argument("replicas", type=click.IntRange(min=0))
+@click.option("--deployment", default="worker", show_default=True)
+@click.option("--namespace", default="default", show_default=True)
+def scale(replicas, deployment, namespace) -> None:
+    """Set the worker Deployment's replica count (in-cluster config, else kubeconfig)."""
+    from .scale import ClusterUnreachable, scale_deployment
+
+    try:
+        previous = scale_deployment(replicas, deployment, namespace)
+    except ClusterUnreachable as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"deployment/{deployment} in {namespace}: {previous} -> {replicas} replicas")
+
+
+@main.command()
+@click.option("--tasks", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--darts", "darts_per_task", type=click.IntRange(min=1), default=20_000, show_default=True)
+@click.option(
+    "--redis",
+    "redis_url",
+    envvar=["DOREDIS_REDIS_URL", "REDIS_URL"],
+    help=REDIS_HELP + " Without one, an embedded server and local workers start.",
+)
+def demo(tasks, darts_per_task, redis_url) -> None:
+    """Estimate pi with a Monte-Carlo run of many tasks; print the estimate, the rate and the workers."""
+    from .demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    out = run_demo(tasks, darts_per_task, redis_url)
+    click.echo(f"pi ~= {out['pi']:.5f} from {tasks} tasks x {darts_per_task} darts")
+    click.echo(f"{out['tasks_per_second']:.1f} tasks/s ({out['seconds']:.2f} s)")
+    click.echo(f"work done by {len(out['workers'])} workers:")
+    for name, count in sorted(out["workers"].items()):
+        click.echo(f"  {name}: {count} tasks")

@@ -1,0 +1,111 @@
+"""The public driver API: parallel_foreach, imap, submit, attach."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import redis as redis_py
+
+from .. import connection, embedded, serialization
+from ..protocol import DEFAULT_QUEUE, RunKeys
+from .options import RunOptions, validate
+from .run import Run
+from .serial import SerialRun
+from .submit import submit_run
+
+BACKENDS = (None, "redis", "serial")
+
+
+def _connect(target: str | redis_py.Redis | None) -> redis_py.Redis:
+    """The named server, else the environment's, else the embedded default (started once)."""
+    if isinstance(target, redis_py.Redis):
+        return connection.connect(target)
+    url = connection.resolve_url(target)
+    if url is None:
+        url = embedded.default_cluster().redis_url
+    return connection.connect(url)
+
+
+def submit(
+    items: Iterable,
+    fn: Callable[[Any], Any],
+    *,
+    chunk_size: int | None = None,
+    reduce: Callable[[Any, Any], Any] | None = None,
+    errors: str = "raise",
+    retries: int = 0,
+    timeout: float | None = None,
+    seed: int | None = None,
+    ordered: bool = True,
+    progress: bool | None = None,
+    queue: str = DEFAULT_QUEUE,
+    redis: str | redis_py.Redis | None = None,
+    backend: str | None = None,
+) -> Run | SerialRun:
+    """Submit ``fn`` over ``items`` and return at once with a :class:`Run` (``id``, ``progress()``,
+    ``results()``, ``cancel()``); the options are those of :func:`parallel_foreach`."""
+    options = validate(
+        fn,
+        chunk_size=chunk_size,
+        reduce=reduce,
+        errors=errors,
+        retries=retries,
+        timeout=timeout,
+        seed=seed,
+        ordered=ordered,
+        progress=progress,
+        queue=queue,
+    )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'redis' (the default) or 'serial', got {backend!r}")
+    if backend == "serial":
+        return SerialRun(items, fn, options)
+    return submit_run(_connect(redis), items, fn, options)
+
+
+def parallel_foreach(items: Iterable, fn: Callable[[Any], Any], **options: Any) -> Any:
+    """Run ``fn(item)`` for every item on the workers; return the results as a list in input order.
+
+    Options: ``chunk_size`` (None: adaptive), ``reduce`` (fold results pairwise, on the workers
+    per chunk then in the driver; returns the single value), ``errors`` ("raise", "skip",
+    "return"), ``retries`` (re-tries of a task that raised), ``timeout`` (seconds per task),
+    ``seed`` (per-task random streams), ``ordered`` (False: completion order), ``progress``
+    (force the bar on or off), ``queue``, ``redis`` (URL or client; default: DOREDIS_REDIS_URL,
+    REDIS_URL, else an embedded server with local workers), ``backend`` ("serial" runs
+    everything here, for debugging).
+    """
+    return submit(items, fn, **options).results()
+
+
+def imap(items: Iterable, fn: Callable[[Any], Any], **options: Any) -> Iterator[Any]:
+    """Like :func:`parallel_foreach`, but an iterator that yields results as they arrive."""
+    if options.get("reduce") is not None:
+        raise ValueError("imap yields one result per task; use parallel_foreach(..., reduce=f) to fold them")
+    return iter(submit(items, fn, **options))
+
+
+def attach(run_id: str, *, redis: str | redis_py.Redis | None = None, progress: bool | None = None) -> Run:
+    """Reattach to a run submitted by a driver that has since died; gather it with ``results()``."""
+    conn = _connect(redis)
+    keys = RunKeys(run_id)
+    meta = {k.decode(): v.decode() for k, v in conn.hgetall(keys.meta).items()}
+    if not meta:
+        raise LookupError(f"no run {run_id!r} on this Redis server (wrong id or server, or its TTL expired)")
+    if meta.get("state") == "submitting":
+        raise RuntimeError(
+            f"run {run_id} was never completely submitted (its driver died while submitting); submit it again"
+        )
+    if meta.get("state") == "done":
+        raise LookupError(f"run {run_id} was already gathered to the end by its driver; its results are gone")
+    reduce = None
+    if meta.get("reduce") == "1":
+        reduce = serialization.loads(conn.get(keys.spec), f"the spec of run {run_id}").reduce
+    options = RunOptions(
+        errors=meta.get("errors", "raise"),
+        ordered=meta.get("ordered", "1") == "1",
+        queue=meta.get("queue", DEFAULT_QUEUE),
+        progress=progress,
+        reduce=reduce,
+    )
+    return Run(conn, run_id, options)

@@ -1,0 +1,80 @@
+"""Turning chunk results into what the caller asked for: order, error mode, reduce, exactly once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import TaskError
+from ..protocol import ChunkResult
+from .options import RunOptions
+
+
+class Collector:
+    """Accepts chunk results in any order (duplicates included) and releases task results.
+
+    ``add`` returns the ``(index, value)`` pairs that are ready: in input order when
+    ``ordered``, else as they arrive. With ``errors="raise"`` the first failure raises
+    :class:`TaskError`; ``"skip"`` leaves failed tasks out; ``"return"`` puts the TaskError in
+    the task's place. With ``reduce``, chunk values are folded instead (see ``reduced``).
+    """
+
+    def __init__(self, options: RunOptions, reduce=None) -> None:
+        self.options = options
+        self.reduce = reduce if reduce is not None else options.reduce
+        self.seen: set[int] = set()
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self.workers: dict[str, int] = {}
+        self._pending: dict[int, ChunkResult] = {}
+        self._next_chunk = 0
+        self._acc: list[Any] = []
+
+    def add(self, result: ChunkResult) -> list[tuple[int, Any]]:
+        if result.chunk_no in self.seen:
+            return []  # a late duplicate of a chunk that ran twice
+        self.seen.add(result.chunk_no)
+        self.tasks_done += result.count
+        self.tasks_failed += len(result.failures)
+        self.workers[result.worker] = self.workers.get(result.worker, 0) + result.count
+        if result.failures and self.options.errors == "raise":
+            first = min(result.failures)
+            raise TaskError.from_failure(result.failures[first])
+        if not self.options.ordered:
+            return list(self._release(result))
+        self._pending[result.chunk_no] = result
+        ready: list[tuple[int, Any]] = []
+        while self._next_chunk in self._pending:
+            ready.extend(self._release(self._pending.pop(self._next_chunk)))
+            self._next_chunk += 1
+        return ready
+
+    def _release(self, result: ChunkResult) -> Iterator[tuple[int, Any]]:
+        if self.reduce is not None:
+            self._fold(result)
+            return
+        skip = self.options.errors == "skip"
+        failures = result.failures
+        for offset, value in enumerate(result.values):
+            index = result.start + offset
+            if index in failures:
+                if not skip:
+                    yield index, TaskError.from_failure(failures[index])
+            else:
+                yield index, value
+
+    def _fold(self, result: ChunkResult) -> None:
+        if result.reduced:
+            values = result.values
+        else:  # a chunk whose results could not be stored: only its successes count
+            values = [v for i, v in enumerate(result.values) if result.start + i not in result.failures]
+        for value in values:
+            if self._acc:
+                self._acc[0] = self.reduce(self._acc[0], value)
+            else:
+                self._acc.append(value)
+
+    @property
+    def reduced(self) -> Any:
+        """The folded value of a ``reduce`` run (None when no task produced a value)."""
+        return self._acc[0] if self._acc else None

@@ -1,0 +1,226 @@
+"""A submitted run: gather its results (blocking on Redis, never polling with sleeps), progress, cancel."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from rq import Queue, Worker
+from rq.job import Job
+
+from .. import protocol, recovery, serialization
+from ..errors import RunCancelled
+from ..protocol import LOST, ChunkResult, RunKeys, TaskFailure
+from ..serialization import RQSerializer
+from .collect import Collector
+from .options import RunOptions
+from .progressbar import ProgressBar, wanted
+
+log = logging.getLogger("doredis.driver")
+
+#: How long the driver blocks on the notify list before it checks on the run's health.
+WAIT_SLICE = 1.0
+_BATCH = 256
+
+
+def remove_queued_chunks(conn: redis.Redis, queue: str, run_id: str, chunks: int) -> int:
+    """Take a run's chunks that no worker has started out of the queue; returns how many.
+
+    A chunk in progress keeps its rq job (rq needs it to finish); the worker drops the
+    result because the run is cancelled.
+    """
+    queue_key = protocol.queue_list_key(queue)
+    jids = [protocol.job_id(run_id, chunk_no) for chunk_no in range(chunks)]
+    with conn.pipeline(transaction=False) as pipe:
+        for jid in jids:
+            pipe.lrem(queue_key, 0, jid)
+        removed = [jid for jid, n in zip(jids, pipe.execute(), strict=True) if n]
+    if removed:
+        conn.delete(*[Job.key_for(jid) for jid in removed])
+    return len(removed)
+
+
+class Run:
+    """A run on a Redis queue: ``results()`` gathers it; ``progress()`` and ``cancel()`` work anywhere."""
+
+    def __init__(self, conn: redis.Redis, run_id: str, options: RunOptions, reduce=None) -> None:
+        self.conn = conn
+        self.id = run_id
+        self.options = options
+        self.keys = RunKeys(run_id)
+        self._reduce = reduce if reduce is not None else options.reduce
+        self._gathered = False
+
+    def __repr__(self) -> str:
+        done, failed, total = self.progress()
+        return (
+            f"<doredis.Run {self.id} on queue {self.options.queue!r}: {done}/{total} done, {failed} failed>"
+        )
+
+    # -- state ------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.conn.hgetall(self.keys.meta).items()}
+
+    def progress(self) -> tuple[int, int, int | None]:
+        """``(done, failed, total)`` tasks; total is None while a generator is still being submitted."""
+        meta = self._meta()
+        total = meta.get("total")
+        return int(meta.get("done", 0)), int(meta.get("failed", 0)), int(total) if total is not None else None
+
+    def _chunks(self) -> int | None:
+        value = self.conn.hget(self.keys.meta, "chunks")
+        return int(value) if value is not None else None
+
+    def cancel(self) -> int:
+        """Stop the run: queued chunks are removed, running ones are dropped. Returns chunks removed."""
+        with self.conn.pipeline() as pipe:
+            pipe.set(self.keys.cancel, 1, ex=protocol.run_ttl())
+            pipe.hset(self.keys.meta, "state", "cancelled")
+            pipe.execute()
+        chunks = self._chunks() or int(self.conn.hget(self.keys.meta, "enqueued") or 0)
+        removed = remove_queued_chunks(self.conn, self.options.queue, self.id, chunks)
+        log.info("run %s cancelled: %d queued chunks removed", self.id, removed)
+        return removed
+
+    # -- gathering ------------------------------------------------------------------------------
+    def results(self) -> Any:
+        """Block until every task is done; the list of results (or the folded value with ``reduce``)."""
+        collector = Collector(self.options, self._reduce)
+        values = [value for _, value in self._iterate(collector)]
+        return collector.reduced if self._reduce is not None else values
+
+    def __iter__(self) -> Iterator[Any]:
+        collector = Collector(self.options, self._reduce)
+        for _, value in self._iterate(collector):
+            yield value
+
+    def _iterate(self, collector: Collector) -> Iterator[tuple[int, Any]]:
+        done, _, total = self.progress()
+        bar = self._bar = ProgressBar(wanted(self.options.progress), total, self.id)
+        finished = False
+        try:
+            for result in self._chunk_results():
+                bar.advance(result.count)
+                if time.monotonic() - self._last_worker_check > 1:
+                    self._check_workers()
+                yield from collector.add(result)
+            finished = True
+        except BaseException:
+            # A task error in "raise" mode, Ctrl-C, or the caller leaving imap early: stop the workers.
+            if not finished:
+                self._cancel_quietly()
+            raise
+        finally:
+            bar.close()
+        self._finish(collector)
+
+    def _cancel_quietly(self) -> None:
+        try:
+            self.cancel()
+        except redis.RedisError as exc:
+            log.warning("could not cancel run %s: %s", self.id, exc)
+
+    def _finish(self, collector: Collector) -> None:
+        """All results are in: free their memory in Redis, keep the summary for ``status``."""
+        with self.conn.pipeline() as pipe:
+            pipe.delete(
+                self.keys.results, self.keys.notify, self.keys.cursor, self.keys.deaths, self.keys.spec
+            )
+            pipe.hset(self.keys.meta, "state", "done")
+            pipe.expire(self.keys.meta, 3600)
+            pipe.zrem(protocol.runs_key(self.options.queue), self.id)
+            pipe.execute()
+        if collector.workers:
+            log.info("run %s done: tasks per worker %s", self.id, collector.workers)
+
+    _last_worker_check = 0.0
+    _warned_no_worker = False
+    _bar: ProgressBar | None = None
+
+    def _check_workers(self) -> int:
+        self._last_worker_check = time.monotonic()
+        count = Worker.count(connection=self.conn, queue=Queue(self.options.queue, connection=self.conn))
+        if self._bar is not None:
+            self._bar.workers(count)
+        if count == 0 and not self._warned_no_worker:
+            self._warned_no_worker = True
+            log.warning(
+                "no worker is connected to queue %r: the tasks wait in the queue until one starts "
+                "(`doredis worker --redis URL`)",
+                self.options.queue,
+            )
+        return count
+
+    def _chunk_results(self) -> Iterator[ChunkResult]:
+        """Every chunk result once, as they land: first what is stored already (attach), then BLPOP."""
+        seen: set[int] = set()
+        stored = [int(c) for c in self.conn.hkeys(self.keys.results)]
+        yield from self._fetch(stored, seen)
+        while True:
+            chunks = self._chunks()
+            if chunks is not None and len(seen) >= chunks:
+                return
+            if self.conn.exists(self.keys.cancel):
+                raise RunCancelled(f"run {self.id} was cancelled")
+            popped = self.conn.blpop([self.keys.notify], timeout=WAIT_SLICE)
+            if popped is None:
+                yield from self._health_check(seen)
+                continue
+            batch = [int(popped[1])]
+            more = self.conn.lpop(self.keys.notify, _BATCH)
+            if more:
+                batch.extend(int(c) for c in more)
+            yield from self._fetch(batch, seen)
+
+    def _fetch(self, chunk_nos: list[int], seen: set[int]) -> Iterator[ChunkResult]:
+        new = [c for c in dict.fromkeys(chunk_nos) if c not in seen]
+        if not new:
+            return
+        blobs = self.conn.hmget(self.keys.results, new)
+        for chunk_no, blob in zip(new, blobs, strict=True):
+            if blob is None:
+                continue
+            seen.add(chunk_no)
+            yield serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
+
+    def _health_check(self, seen: set[int]) -> list[ChunkResult]:
+        """Nothing arrived for a while: requeue abandoned chunks; report chunks rq gave up on."""
+        recovery.sweep_abandoned(self.conn, self.options.queue)
+        self._check_workers()
+        chunks = self._chunks()
+        if chunks is None:
+            return []
+        missing = [c for c in range(chunks) if c not in seen]
+        if not missing or len(missing) > 10_000:
+            return []
+        with self.conn.pipeline(transaction=False) as pipe:
+            for chunk_no in missing:
+                pipe.hget(Job.key_for(protocol.job_id(self.id, chunk_no)), "status")
+            statuses = pipe.execute()
+        failed = [c for c, s in zip(missing, statuses, strict=True) if s == b"failed"]
+        return [self._failed_chunk(c) for c in failed if c not in seen and not seen.add(c)]
+
+    def _failed_chunk(self, chunk_no: int) -> ChunkResult:
+        """A chunk rq marked failed with no doredis result (payload refused, or lost too often)."""
+        job = Job.fetch(protocol.job_id(self.id, chunk_no), connection=self.conn, serializer=RQSerializer)
+        start, count = int(job.meta.get("start", 0)), int(job.meta.get("count", 1))
+        try:
+            latest = job.latest_result()
+            text = (latest.exc_string if latest else "") or ""
+        except Exception:  # rq keeps no result for some failures
+            text = ""
+        kind, exc_type = (
+            (LOST, "WorkerLost") if "Abandoned" in text or not text.strip() else ("error", "ChunkFailed")
+        )
+        last_line = text.strip().splitlines()[-1] if text.strip() else text
+        failures = {
+            start + i: TaskFailure(
+                start + i, "<see chunk>", kind, exc_type, last_line, text, job.worker_name or "", 1
+            )
+            for i in range(count)
+        }
+        log.error("chunk %d of run %s failed in rq: %s", chunk_no, self.id, last_line)
+        return ChunkResult(chunk_no, start, count, job.worker_name or "", [None] * count, failures)

@@ -1,0 +1,64 @@
+"""``backend="serial"``: every task in the calling process, with the same pickling round trip,
+seeds and error semantics as on workers (foreach's ``%do%``, for debugging)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from .. import serialization, taskrun
+from .chunking import iter_chunks
+from .collect import Collector
+from .options import RunOptions
+from .progressbar import ProgressBar, wanted
+
+
+class SerialRun:
+    """The serial twin of :class:`doredis.driver.run.Run`: the work happens while you iterate."""
+
+    def __init__(self, items: Iterable, fn: Callable, options: RunOptions) -> None:
+        from .submit import pickle_items, pickle_spec
+
+        self.id = "serial"
+        self.options = options
+        self._spec = serialization.loads(pickle_spec(fn, options))
+        self._pickle_items = pickle_items
+        self._items = items
+        self._done = self._failed = 0
+        self._total: int | None = None
+
+    def progress(self) -> tuple[int, int, int | None]:
+        return self._done, self._failed, self._total
+
+    def cancel(self) -> int:
+        return 0
+
+    def _iterate(self, collector: Collector) -> Iterator[tuple[int, Any]]:
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        bar = ProgressBar(wanted(self.options.progress), None, self.id)
+        start = 0
+        try:
+            for chunk_no, chunk in enumerate(iter_chunks(self._items, self.options.chunk_size, 1)):
+                items = serialization.loads(self._pickle_items(chunk, start))
+                result = taskrun.run_tasks(self._spec, items, start, chunk_no, worker)
+                result = serialization.loads(serialization.dumps(result))
+                start += len(chunk)
+                self._done += result.count
+                self._failed += len(result.failures)
+                bar.advance(result.count)
+                yield from collector.add(result)
+        finally:
+            bar.close()
+        self._total = start
+
+    def results(self) -> Any:
+        collector = Collector(self.options, self._spec.reduce)
+        values = [value for _, value in self._iterate(collector)]
+        return collector.reduced if self._spec.reduce is not None else values
+
+    def __iter__(self) -> Iterator[Any]:
+        collector = Collector(self.options, self._spec.reduce)
+        for _, value in self._iterate(collector):
+            yield value

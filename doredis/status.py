@@ -1,0 +1,107 @@
+"""What ``doredis status`` shows: queue depth, runs with progress, workers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+from rq import Queue, Worker
+
+from . import protocol
+from .protocol import RunKeys
+from .serialization import RQSerializer
+
+
+@dataclass
+class WorkerInfo:
+    name: str
+    state: str
+    chunks: int
+    tasks: int
+    failures: int
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    state: str
+    done: int
+    failed: int
+    total: int | None
+    age: float
+
+
+@dataclass
+class QueueStatus:
+    queue: str
+    queued_chunks: int
+    running_chunks: int
+    runs: list[RunInfo]
+    workers: list[WorkerInfo]
+
+
+def queue_status(conn: redis.Redis, queue: str) -> QueueStatus:
+    q = Queue(queue, connection=conn, serializer=RQSerializer)
+    runs = []
+    now = time.time()
+    for run_id, created in conn.zrange(protocol.runs_key(queue), 0, -1, withscores=True):
+        rid = run_id.decode()
+        meta = {k.decode(): v.decode() for k, v in conn.hgetall(RunKeys(rid).meta).items()}
+        if not meta:
+            conn.zrem(protocol.runs_key(queue), rid)  # expired
+            continue
+        total = meta.get("total")
+        runs.append(
+            RunInfo(
+                rid,
+                meta.get("state", "?"),
+                int(meta.get("done", 0)),
+                int(meta.get("failed", 0)),
+                int(total) if total else None,
+                now - created,
+            )
+        )
+    workers = []
+    for w in Worker.all(connection=conn, queue=q):
+        stats = {k.decode(): int(v) for k, v in conn.hgetall(protocol.worker_stats_key(w.name)).items()}
+        workers.append(
+            WorkerInfo(
+                w.name, w.get_state(), stats.get("chunks", 0), stats.get("tasks", 0), stats.get("failures", 0)
+            )
+        )
+    return QueueStatus(
+        queue, q.count, q.started_job_registry.count, runs, sorted(workers, key=lambda w: w.name)
+    )
+
+
+def format_status(status: QueueStatus) -> str:
+    lines = [f"queue {status.queue!r}: {status.queued_chunks} chunks queued, {status.running_chunks} running"]
+    lines.append(f"runs ({len(status.runs)}):")
+    for r in status.runs:
+        total = r.total if r.total is not None else "?"
+        lines.append(
+            f"  {r.run_id}  {r.state:<10} {r.done}/{total} done  {r.failed} failed  {r.age:.0f}s old"
+        )
+    lines.append(f"workers ({len(status.workers)}):")
+    if not status.workers:
+        lines.append("  none connected: queued tasks wait until a worker starts")
+    for w in status.workers:
+        lines.append(f"  {w.name:<32} {w.state:<10} chunks={w.chunks} tasks={w.tasks} failures={w.failures}")
+    return "\n".join(lines)
+
+
+def purge(conn: redis.Redis, queue: str) -> tuple[int, int]:
+    """Empty the queue and delete its runs' data (R doRedis's removeQueue). Returns (chunks, runs)."""
+    q = Queue(queue, connection=conn, serializer=RQSerializer)
+    chunks = q.count
+    run_ids = [r.decode() for r in conn.zrange(protocol.runs_key(queue), 0, -1)]
+    with conn.pipeline(transaction=False) as pipe:
+        for rid in run_ids:
+            keys = RunKeys(rid)
+            pipe.set(keys.cancel, 1, ex=protocol.run_ttl())
+            pipe.delete(*[k for k in keys.all() if k != keys.cancel])
+        pipe.delete(protocol.runs_key(queue))
+        pipe.execute()
+    q.empty()
+    return chunks, len(run_ids)

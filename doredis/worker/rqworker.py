@@ -1,0 +1,118 @@
+"""doredis's rq worker: runs chunks in-process (preloaded data stays warm), heartbeats them.
+
+``DoredisWorker`` subclasses rq's ``SimpleWorker``; ``ForkingDoredisWorker`` subclasses rq's
+forking ``Worker`` for per-chunk process isolation (``--fork``). Both keep a background thread
+that heartbeats the chunk in hand every second (rq's SimpleWorker does not heartbeat during a
+job at all) and sweeps for chunks abandoned by killed workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from rq.worker import SimpleWorker, Worker
+
+from .. import protocol, recovery
+from ..serialization import RQSerializer
+from . import state
+
+log = logging.getLogger("doredis.worker")
+#: rq's own per-job chatter (three lines a chunk) goes here, shown at DEBUG level only.
+rq_log = logging.getLogger("doredis.worker.rq")
+
+
+class _DoredisMixin:
+    """What both worker classes add to rq's."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("name", state.default_name())
+        kwargs.setdefault("serializer", RQSerializer)
+        kwargs.setdefault("worker_ttl", 20)  # an idle worker re-polls every 5 s (rq: worker_ttl - 15)
+        kwargs.setdefault("job_monitoring_interval", 1)
+        kwargs.setdefault("log_job_description", False)
+        super().__init__(*args, **kwargs)
+        self.log = rq_log
+        self._in_hand = None
+        self._beat_lock = threading.Lock()
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        state.set_worker_name(self.name)
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        # A lock held by the heartbeat thread at fork time would stay held forever in the child.
+        self._beat_lock = threading.Lock()
+
+    # -- heartbeats ------------------------------------------------------------------------
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        return protocol.HEARTBEAT_TTL
+
+    def prepare_execution(self, job):
+        execution = super().prepare_execution(job)
+        with self._beat_lock:
+            self._in_hand = (job, execution)
+        return execution
+
+    def handle_execution_ended(self, job, queue, heartbeat_ttl):
+        with self._beat_lock:
+            self._in_hand = None
+        super().handle_execution_ended(job, queue, heartbeat_ttl)
+
+    def execute_job(self, job, queue):
+        try:
+            super().execute_job(job, queue)
+        finally:
+            with self._beat_lock:
+                self._in_hand = None
+
+    def _beat_forever(self) -> None:
+        last_sweep = 0.0
+        while not self._beat_stop.wait(protocol.HEARTBEAT_INTERVAL):
+            try:
+                with self._beat_lock:
+                    if self._in_hand is not None:
+                        self.maintain_heartbeats(*self._in_hand)
+                now = time.monotonic()
+                if now - last_sweep >= protocol.SWEEP_INTERVAL:
+                    last_sweep = now
+                    for queue in self.queue_names():
+                        recovery.sweep_abandoned(self.connection, queue)
+            except Exception as exc:  # Redis hiccups must not kill the heartbeat thread
+                log.warning("heartbeat failed: %s: %s", type(exc).__name__, exc)
+
+    def bootstrap(self, *args, **kwargs):
+        super().bootstrap(*args, **kwargs)
+        self._learn_value_limit()
+        if self._beat_thread is None:
+            self._beat_thread = threading.Thread(
+                target=self._beat_forever, name="doredis-heartbeat", daemon=True
+            )
+            self._beat_thread.start()
+
+    def teardown(self):
+        self._beat_stop.set()
+        super().teardown()
+
+    def _learn_value_limit(self) -> None:
+        try:
+            value = self.connection.config_get("proto-max-bulk-len").get("proto-max-bulk-len")
+        except Exception:  # managed Redis often disables CONFIG: keep the default
+            return
+        if value:
+            state.set_max_value_bytes(int(value))
+
+    def handle_warm_shutdown_request(self):
+        log.info(
+            "Worker %s: warm shutdown requested: finishing the chunk in hand, taking no new one", self.name
+        )
+
+
+class DoredisWorker(_DoredisMixin, SimpleWorker):
+    """Runs chunks in the worker process itself (the default)."""
+
+
+class ForkingDoredisWorker(_DoredisMixin, Worker):
+    """Forks a fresh process per chunk (``--fork``): isolation at the cost of re-loading the function."""
