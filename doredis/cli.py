@@ -87,8 +87,14 @@ def ping(redis_url) -> None:
 @click.option("--preload", envvar="DOREDIS_PRELOAD", help="module:function for every worker.")
 def local(workers, queue, preload) -> None:
     """Run an embedded Redis and N workers in the foreground; print the URL for drivers."""
+    import signal
+
     from .embedded import local_cluster
 
+    def _on_sigterm(signum, frame):  # noqa: ARG001 - SIGTERM (docker stop, kill) stops cleanly, like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     with local_cluster(workers, queue, preload) as cluster:
         click.echo(f"DOREDIS_REDIS_URL={cluster.redis_url}", err=False)
         click.echo(f"{len(cluster.workers)} workers on queue {queue!r}; Ctrl-C stops them.", err=True)

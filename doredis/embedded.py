@@ -171,6 +171,7 @@ class LocalCluster:
                         env=worker_env(),
                         preexec_fn=_die_with_parent,
                         stdin=subprocess.DEVNULL,
+                        start_new_session=True,  # a terminal's Ctrl-C reaches us, not them: we stop them once
                     )
                 )
             for process in current[n:] if n < len(current) else []:

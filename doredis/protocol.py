@@ -175,8 +175,13 @@ class ChunkResult:
 # --- scripts ----------------------------------------------------------------------------------
 
 #: Stores a chunk's result once: KEYS = results, notify, meta; ARGV = chunk, blob, ok, failed, ttl.
-#: Returns 1 when stored, 0 when a result for that chunk was already there (a duplicate run).
+#: Returns 1 when stored, 0 when a result for that chunk was already there (a duplicate run),
+#: -1 when the run is gathered, cancelled or expired (a late result for nobody).
 PUBLISH_RESULT = """
+local state = redis.call('HGET', KEYS[3], 'state')
+if state == false or state == 'done' or state == 'cancelled' then
+  return -1
+end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end

@@ -157,11 +157,17 @@ def _publish(conn: redis.Redis, keys: RunKeys, result: ChunkResult, worker: str,
         pipe.hincrby(stats, "failures", failed)
         pipe.expire(stats, protocol.run_ttl())
         pipe.execute()
-    if not stored:
+    if stored == 0:
         log.info(
             "chunk %d of run %s already had a result; this duplicate was dropped",
             result.chunk_no,
             keys.run_id,
+        )
+    elif stored == -1:
+        log.info(
+            "run %s is gathered, cancelled or expired; late result of chunk %d dropped",
+            keys.run_id,
+            result.chunk_no,
         )
 
 

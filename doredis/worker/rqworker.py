@@ -104,6 +104,20 @@ class _DoredisMixin:
         if value:
             state.set_max_value_bytes(int(value))
 
+    def request_force_stop(self, signum, frame):
+        """A second SIGTERM/SIGINT: stop now; the chunk in hand goes back to the queue.
+
+        rq ignores a second signal within a second of the first (its worker pool sends
+        duplicates); doredis's workers get one signal per request, so it is honoured at once.
+        """
+        log.warning(
+            "Worker %s: second stop signal: stopping now, the chunk in hand goes back to the queue", self.name
+        )
+        if self.horse_pid:  # --fork: take the chunk's process down too; the sweep requeues its chunk
+            self.kill_horse()
+            self.wait_for_horse()
+        raise SystemExit(1)
+
     def handle_warm_shutdown_request(self):
         log.info(
             "Worker %s: warm shutdown requested: finishing the chunk in hand, taking no new one", self.name

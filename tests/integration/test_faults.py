@@ -1,0 +1,211 @@
+"""Fault tolerance: workers killed, stopped, added and crashed while a run is in progress."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import threading
+import time
+
+import pytest
+import tasks
+from helpers import wait_until
+from rq.job import Job
+
+import doredis
+from doredis import protocol
+
+
+def _executions(conn, key: str) -> list[int]:
+    return [int(entry.split(b":")[0]) for entry in conn.lrange(key, 0, -1)]
+
+
+def _chunk_job_ids(conn, run_id: str) -> list[str]:
+    chunks = int(conn.hget(protocol.RunKeys(run_id).meta, "chunks"))
+    return [protocol.job_id(run_id, c) for c in range(chunks)]
+
+
+@pytest.mark.timeout(90)
+def test_sigkilled_worker_chunk_is_requeued_within_15s_and_results_arrive_once(
+    redis_url, queue, workers, conn
+):
+    key = f"exec:{queue}"
+    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=0.3)
+    (victim,) = workers.start(1)
+    run = doredis.submit(range(12), fn, chunk_size=4, redis=redis_url, queue=queue)
+
+    wait_until(lambda: conn.llen(key) >= 1, 20, "the first task to start")
+    started = {entry.decode() for entry in conn.zrange(f"rq:wip:{queue}", 0, -1)}
+    assert started, "a chunk should be in rq's started registry while it runs"
+    victim.kill()
+    victim.wait()
+    killed_at = time.monotonic()
+    lost_job = next(iter(started)).split(":")[0]
+
+    workers.start(1)
+
+    def requeued() -> bool:
+        job = Job.fetch(lost_job, connection=conn, serializer=doredis.serialization.RQSerializer)
+        return job.get_status() in ("queued", "started", "finished") and job.worker_name != f"{victim.pid}"
+
+    # back in the queue (or already taken by the new worker) within 15 s of the kill
+    wait_until(
+        lambda: (
+            conn.lpos(protocol.queue_list_key(queue), lost_job) is not None
+            or (conn.hget(Job.key_for(lost_job), "retries_left") or b"0")
+            != str(protocol.CHUNK_REDELIVERIES).encode()
+            or not conn.exists(Job.key_for(lost_job))
+        ),
+        15,
+        "the lost chunk to be requeued",
+    )
+    assert time.monotonic() - killed_at < 15
+    results = run.results()
+    assert [x for x, _ in results] == list(range(12))
+    # the lost chunk's tasks ran again (at least once more), yet each result was delivered once
+    assert sorted(set(_executions(conn, key))) == list(range(12))
+
+
+@pytest.mark.timeout(60)
+def test_sigtermed_worker_finishes_its_chunk_and_nothing_runs_twice(redis_url, queue, workers, conn):
+    key = f"exec:{queue}"
+    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=0.2)
+    (leaving,) = workers.start(1)
+    run = doredis.submit(range(16), fn, chunk_size=4, redis=redis_url, queue=queue)
+    wait_until(lambda: conn.llen(key) >= 1, 20, "the first task to start")
+    leaving.send_signal(signal.SIGTERM)
+    workers.start(1)
+    results = run.results()
+    assert leaving.wait(20) == 0, workers.log_text(leaving)
+    assert [x for x, _ in results] == list(range(16))
+    executed = _executions(conn, key)
+    assert sorted(executed) == list(range(16)), "a task ran twice or not at all"
+    # the stopped worker completed the chunk it had in hand: 4 results from it
+    leaving_name = next(name for _, name in results if name.endswith(f":{leaving.pid}"))
+    assert sum(1 for _, name in results if name == leaving_name) == 4
+    assert "warm shutdown" in workers.log_text(leaving)
+
+
+@pytest.mark.timeout(90)
+def test_workers_added_mid_run_take_tasks_quickly_and_speed_it_up(redis_url, queue, workers, conn):
+    workers.start(1)
+    fn = functools.partial(tasks.started_at, seconds=0.05)
+    began = time.monotonic()
+    run = doredis.submit(range(200), fn, redis=redis_url, queue=queue)
+    wait_until(
+        lambda: int(conn.hget(protocol.RunKeys(run.id).meta, "done") or 0) >= 10, 20, "the run to start"
+    )
+    added = workers.start(3)
+    registered = time.time()
+    results = run.results()
+    elapsed = time.monotonic() - began
+
+    assert [x for x, _, _ in results] == list(range(200))
+    pids = {p.pid for p in added}
+    first_task = {
+        pid: min(t for _, p, t in results if p == pid) for pid in pids if any(p == pid for _, p, _ in results)
+    }
+    assert len(first_task) == 3, f"every added worker should have run tasks, got {first_task}"
+    for pid, t in first_task.items():
+        assert t - registered <= 1.0, f"worker {pid} took {t - registered:.2f} s to take its first task"
+    # 200 x 50 ms is 10 s on one worker; four workers must do clearly better
+    assert elapsed < 0.8 * 200 * 0.05, f"run took {elapsed:.1f} s"
+
+
+@pytest.mark.timeout(150)
+def test_task_that_kills_its_worker_every_time_fails_with_worker_lost(redis_url, queue, workers, conn):
+    fn = functools.partial(tasks.exit_on, poison=3)
+    workers.start(2)
+    stop = threading.Event()
+
+    def supervise() -> None:  # what a Deployment or compose's restart policy does: replace dead workers
+        while not stop.is_set():
+            dead = [
+                p for p in workers.processes if p.poll() is not None and not getattr(p, "replaced", False)
+            ]
+            for p in dead:
+                p.replaced = True
+                workers.start(1, wait=False)
+            stop.wait(0.1)
+
+    supervisor = threading.Thread(target=supervise, daemon=True)
+    supervisor.start()
+    try:
+        results = doredis.parallel_foreach(
+            range(8), fn, chunk_size=2, errors="return", redis=redis_url, queue=queue
+        )
+    finally:
+        stop.set()
+        supervisor.join()
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+    lost = results[3]
+    assert isinstance(lost, doredis.WorkerLost)
+    assert lost.index == 3
+    assert "3" in str(lost)
+    crashed = sum(1 for p in workers.processes if p.poll() not in (None, 0) and p.returncode != -15)
+    assert crashed == protocol.MAX_DELIVERIES, (
+        "the poison task should be delivered exactly MAX_DELIVERIES times"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_two_drivers_on_one_queue_see_only_their_own_results(redis_url, queue, workers):
+    workers.start(2)
+    outcome: dict[str, list] = {}
+
+    def drive(name: str, factor: int) -> None:
+        fn = functools.partial(tasks.sleep_then_square, seconds=0.01)
+        outcome[name] = [
+            v * factor for v in doredis.parallel_foreach(range(60), fn, redis=redis_url, queue=queue)
+        ]
+
+    threads = [threading.Thread(target=drive, args=(n, f)) for n, f in (("a", 1), ("b", 1))]
+    run_a = doredis.submit(range(50), lambda x: ("a", x), redis=redis_url, queue=queue)
+    run_b = doredis.submit(range(50, 90), lambda x: ("b", x), redis=redis_url, queue=queue)
+    for t in threads:
+        t.start()
+    assert run_b.results() == [("b", x) for x in range(50, 90)]
+    assert run_a.results() == [("a", x) for x in range(50)]
+    for t in threads:
+        t.join()
+    assert outcome["a"] == outcome["b"] == [x * x for x in range(60)]
+
+
+@pytest.mark.timeout(90)
+def test_a_chunk_that_runs_twice_is_delivered_once(redis_url, queue, workers, conn):
+    """A worker that stalls (SIGSTOP: a long GC pause, a frozen VM) is presumed dead, its chunk
+    runs again elsewhere, and then the stalled worker wakes up and finishes it too."""
+    key = f"exec:{queue}"
+    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=0.5)
+    (stalled,) = workers.start(1)
+    run = doredis.submit(range(4), fn, chunk_size=2, redis=redis_url, queue=queue)
+    wait_until(lambda: conn.llen(key) >= 1, 20, "the first task to start")
+    stalled.send_signal(signal.SIGSTOP)
+    try:
+        workers.start(1)
+        results = run.results()
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    assert [x for x, _ in results] == list(range(4))
+    wait_until(lambda: "dropped" in workers.log_text(stalled), 20, "the stalled worker's late result")
+    executed = _executions(conn, key)
+    assert len(executed) > 4 and sorted(set(executed)) == list(range(4)), f"executions: {executed}"
+    # nothing of the finished run is left behind by the late result
+    assert not conn.exists(protocol.RunKeys(run.id).results)
+
+
+@pytest.mark.timeout(60)
+def test_second_sigterm_stops_at_once_and_the_chunk_goes_back(redis_url, queue, workers, conn):
+    key = f"exec:{queue}"
+    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=1.0)
+    (leaving,) = workers.start(1)
+    run = doredis.submit(range(6), fn, chunk_size=6, redis=redis_url, queue=queue)
+    wait_until(lambda: conn.llen(key) >= 1, 20, "the first task to start")
+    leaving.send_signal(signal.SIGTERM)
+    wait_until(lambda: "warm shutdown" in workers.log_text(leaving), 10, "the first signal to be handled")
+    leaving.send_signal(signal.SIGTERM)
+    leaving.wait(5)  # far less than the 6 s the chunk still needs
+    assert conn.llen(key) < 6, "the worker should not have finished its chunk"
+    workers.start(1)
+    assert [x for x, _ in run.results()] == list(range(6))
+    assert "second stop signal" in workers.log_text(leaving)

@@ -1,0 +1,67 @@
+"""Task functions importable by both the tests and the worker processes (tests/ is on their path)."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+
+import doredis
+
+
+def square(x):
+    return x * x
+
+
+def sleep_then_square(x, seconds=0.05):
+    time.sleep(seconds)
+    return x * x
+
+
+def slow_identity(x):
+    time.sleep(0.05)
+    return x
+
+
+def whoami(x):
+    """(item, worker name) after 50 ms of work."""
+    time.sleep(0.05)
+    return x, f"{socket.gethostname()}:{os.getpid()}"
+
+
+def seeded_draw(x):
+    rng = doredis.task_rng()
+    return random.random(), float(rng.random())
+
+
+def preload_table():
+    return {"table": {i: i * 10 for i in range(100)}, "loaded_by": os.getpid()}
+
+
+def use_preloaded(x):
+    data = doredis.preloaded()
+    return data["table"][x], data["loaded_by"]
+
+
+def recorded_sleep(x, redis_url, key, seconds=0.2):
+    """Record that task ``x`` started (RPUSH ``key``), then work ``seconds``; returns (x, worker)."""
+    import redis
+
+    redis.Redis.from_url(redis_url).rpush(key, f"{x}:{os.getpid()}:{time.time()}")
+    time.sleep(seconds)
+    return x, f"{socket.gethostname()}:{os.getpid()}"
+
+
+def exit_on(x, poison=3):
+    """Kill the worker process outright when x == poison (like a segfault or the OOM killer)."""
+    if x == poison:
+        os._exit(1)
+    return x
+
+
+def started_at(x, seconds=0.05):
+    """(x, worker pid, wall-clock start) after ``seconds`` of sleep."""
+    began = time.time()
+    time.sleep(seconds)
+    return x, os.getpid(), began
