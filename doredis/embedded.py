@@ -128,6 +128,7 @@ def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     paths = [p for p in [os.getcwd(), *sys.path] if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("DOREDIS_LOG_LEVEL", "WARNING")  # keep the driver's terminal quiet; set it to see more
     return env
 
 
@@ -149,6 +150,30 @@ class LocalCluster:
         self._workers: list[subprocess.Popen] = []
         self._lock = threading.Lock()
         self.scale(workers if workers is not None else (os.cpu_count() or 1))
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> bool:
+        """Wait until every worker process has registered with the queue (False on timeout)."""
+        from rq import Queue, Worker
+
+        conn = redis.Redis.from_url(self.redis_url)
+        queue = Queue(self.queue, connection=conn)
+        want = len(self.workers)
+        try:
+            wait_for(
+                lambda: Worker.count(connection=conn, queue=queue) >= want, timeout, f"{want} local workers"
+            )
+            return True
+        except TimeoutError:
+            log.warning(
+                "only %d of %d local workers registered within %s s",
+                Worker.count(connection=conn, queue=queue),
+                want,
+                timeout,
+            )
+            return False
+        finally:
+            conn.close()
 
     @property
     def workers(self) -> list[subprocess.Popen]:
