@@ -1,0 +1,57 @@
+# One image, two roles:
+#   worker (default):  docker run IMAGE                          -> doredis worker
+#   driver:            docker run IMAGE python /scripts/driver.py
+#                      docker run IMAGE demo                     -> doredis demo
+#
+# Build:  docker build -t doredis .
+#         docker build --build-arg PYTHON_VERSION=3.12 -t doredis:py3.12 .
+#         docker build --build-arg BASE_IMAGE=registry.example.com/python:3.11-slim -t doredis .
+#
+# Task dependencies: set EXTRA_PIP_PACKAGES at run time (docker/entrypoint.sh
+# pip-installs them before the command starts), or - faster for big clusters,
+# since every container otherwise repeats the install - bake them into a
+# derived image:
+#     FROM doredis
+#     RUN pip install --no-cache-dir numpy scipy
+ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
+
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/home/doredis \
+    PYTHONUSERBASE=/home/doredis/.local \
+    PATH=/home/doredis/.local/bin:${PATH}
+
+# tini reaps forked task processes and forwards SIGTERM to doredis, which then
+# finishes the chunk in hand before it exits.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 doredis \
+ && useradd --uid 10001 --gid 10001 --home-dir /home/doredis --create-home \
+        --shell /usr/sbin/nologin doredis
+
+# The project is installed system-wide as root; at start the non-root user can
+# add EXTRA_PIP_PACKAGES to its own user site (PYTHONUSERBASE).
+COPY pyproject.toml README.md /tmp/doredis-src/
+COPY doredis /tmp/doredis-src/doredis
+RUN pip install /tmp/doredis-src \
+ && rm -rf /tmp/doredis-src \
+ && doredis --help >/dev/null
+
+COPY docker/entrypoint.sh /usr/local/bin/doredis-entrypoint
+RUN chmod 0755 /usr/local/bin/doredis-entrypoint
+
+WORKDIR /home/doredis
+# Numeric, so that Kubernetes' runAsNonRoot can check it.
+USER 10001:10001
+
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["doredis", "ping"]
+
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/doredis-entrypoint"]
+CMD ["worker"]

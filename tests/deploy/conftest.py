@@ -1,0 +1,31 @@
+"""Fixtures of the deployment tests (Dockerfile, docker-compose.yml, k8s/)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# deploykit sits next to this file; make it importable whatever pytest's import mode.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import deploykit  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def renderings() -> dict[str, list[deploykit.Obj]]:
+    """Rendered objects of k8s/ and of every overlay, keyed by path relative to the repo."""
+    return {str(d.relative_to(deploykit.REPO)): deploykit.render(d) for d in deploykit.kustomize_dirs()}
+
+
+@pytest.fixture(scope="session")
+def base(renderings: dict[str, list[deploykit.Obj]]) -> list[deploykit.Obj]:
+    return renderings["k8s"]
+
+
+@pytest.fixture(scope="session")
+def driver_job() -> deploykit.Obj:
+    docs = deploykit.load_yaml_docs(deploykit.DRIVER_JOB)
+    assert len(docs) == 1 and docs[0]["kind"] == "Job"
+    return docs[0]

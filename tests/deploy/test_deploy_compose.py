@@ -1,0 +1,168 @@
+"""docker-compose.yml: valid against the Compose Specification JSON schema, and
+scalable (`docker compose up -d --scale worker=N`) as the docs promise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+import yaml
+from deploykit import REPO, duration_seconds, interpolate, load_yaml_docs
+
+# tests/deploy/compose-spec.json is the Compose Specification schema of the
+# compose-spec/compose-spec repository (schema/compose-spec.json, Apache-2.0,
+# see LICENSE.compose-spec next to it), as vendored in the PyPI package
+# check-jsonschema 0.39.0 (check_jsonschema/builtin_schemas/vendor/compose-spec.json,
+# sha256 d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64).
+SCHEMA_PATH = Path(__file__).with_name("compose-spec.json")
+COMPOSE_PATH = REPO / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, Any]:
+    [doc] = load_yaml_docs(COMPOSE_PATH)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def services(raw: dict[str, Any]) -> dict[str, Any]:
+    """Services after interpolation with an empty environment (the documented defaults)."""
+    return interpolate(raw, {})["services"]
+
+
+def _validator() -> Any:
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def test_compose_file_matches_the_compose_spec(raw: dict[str, Any]) -> None:
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(raw)]
+    assert not errors, "\n".join(errors)
+    # Also once interpolated, as Compose validates it.
+    assert not list(_validator().iter_errors(interpolate(raw, {})))
+    assert "version" not in raw, "the top-level version key is obsolete"
+
+
+def test_compose_schema_check_catches_mistakes(raw: dict[str, Any]) -> None:
+    broken = yaml.safe_load(yaml.safe_dump(raw))
+    broken["services"]["worker"]["depends_on"]["redis"]["condition"] = "service_ready"
+    assert list(_validator().iter_errors(broken))
+
+
+def test_services(services: dict[str, Any]) -> None:
+    assert set(services) >= {"redis", "worker", "driver", "dashboard"}
+
+
+def test_worker_scales(services: dict[str, Any]) -> None:
+    worker = services["worker"]
+    assert "container_name" not in worker, "a fixed container name prevents --scale"
+    assert "ports" not in worker, "host ports prevent --scale"
+    assert "profiles" not in worker, "`docker compose up` must start workers"
+    assert worker["command"] == ["worker"]
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    # Scaling down sends SIGTERM: leave time to finish the chunk in hand.
+    assert duration_seconds(worker["stop_grace_period"]) >= 300
+
+
+def test_driver_and_dashboard_only_on_request(services: dict[str, Any]) -> None:
+    assert services["driver"]["profiles"] == ["driver"]
+    assert services["dashboard"]["profiles"] == ["dashboard"]
+    assert "profiles" not in services["redis"]
+
+
+def test_redis_has_an_authenticated_healthcheck(services: dict[str, Any]) -> None:
+    redis = services["redis"]
+    test = redis["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL") and "redis-cli" in " ".join(test[1:])
+    command = redis["command"]
+    password = command[command.index("--requirepass") + 1]
+    assert password and redis["environment"]["REDISCLI_AUTH"] == password
+
+
+@pytest.mark.parametrize("env", [{}, {"REDIS_PASSWORD": "s3cret", "DOREDIS_QUEUE": "other"}])
+def test_clients_use_the_redis_service_and_password(raw: dict[str, Any], env: dict[str, str]) -> None:
+    services = interpolate(raw, env)["services"]
+    redis_command = services["redis"]["command"]
+    password = redis_command[redis_command.index("--requirepass") + 1]
+    for name, key in (
+        ("worker", "DOREDIS_REDIS_URL"),
+        ("driver", "DOREDIS_REDIS_URL"),
+        ("dashboard", "RQ_DASHBOARD_REDIS_URL"),
+    ):
+        url = urlsplit(services[name]["environment"][key])
+        assert url.scheme == "redis"
+        assert url.hostname == "redis" and url.hostname in services, name
+        assert url.port == 6379, name
+        assert url.password == password == env.get("REDIS_PASSWORD", "doredis"), name
+    worker_env, driver_env = services["worker"]["environment"], services["driver"]["environment"]
+    assert worker_env == driver_env, "driver and workers must share URL, queue and DOREDIS_SECRET"
+    assert worker_env["DOREDIS_QUEUE"] == env.get("DOREDIS_QUEUE", "doredis")
+    assert worker_env["DOREDIS_SECRET"]
+
+
+def test_driver_runs_the_example_script(services: dict[str, Any]) -> None:
+    driver, worker = services["driver"], services["worker"]
+    assert driver["image"] == worker["image"] and driver["build"] == worker["build"]
+    assert (REPO / worker["build"]["context"] / "Dockerfile").is_file()
+    assert driver["depends_on"]["redis"]["condition"] == "service_healthy"
+    [mount] = driver["volumes"]
+    host_dir, container_dir, mode = mount.split(":")
+    assert mode == "ro"
+    assert driver["command"][0] == "python"
+    script = Path(driver["command"][1])
+    assert script.parent == Path(container_dir)
+    assert (REPO / host_dir / script.name).is_file(), "the default driver script must exist"
+
+
+def test_queue_default_matches_kubernetes(services: dict[str, Any]) -> None:
+    [configmap] = load_yaml_docs(REPO / "k8s" / "base" / "configmap.yaml")
+    assert services["worker"]["environment"]["DOREDIS_QUEUE"] == configmap["data"]["DOREDIS_QUEUE"]
+
+
+def _compose_commands() -> list[list[str]]:
+    found = []
+    docker = shutil.which("docker")
+    if docker:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=60, check=False)
+        if probe.returncode == 0:
+            found.append([docker, "compose"])
+    legacy = shutil.which("docker-compose")
+    if legacy:
+        found.append([legacy])
+    return found
+
+
+def test_compose_cli_accepts_the_file() -> None:
+    """`docker compose config` / legacy `docker-compose config` (no engine needed), where installed."""
+    commands = _compose_commands()
+    if not commands:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    for cmd in commands:
+        proc = subprocess.run(
+            [
+                *cmd,
+                "--file",
+                str(COMPOSE_PATH),
+                "--profile",
+                "driver",
+                "--profile",
+                "dashboard",
+                "config",
+                "-q",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+        )
+        assert proc.returncode == 0, f"{cmd}: {proc.stderr}"
