@@ -93,7 +93,9 @@ class RQSerializer:
 
 def pickling_error(obj: Any, role: str, exc: BaseException) -> TypeError:
     """A TypeError that names the object that could not be pickled and how to fix it."""
-    text = short_repr(obj)
+    # A function's repr starts with its enclosing scopes, so cutting it can cut off its name.
+    qualname = getattr(obj, "__qualname__", None)
+    text = qualname if callable(obj) and isinstance(qualname, str) else short_repr(obj)
     return TypeError(
         f"cannot pickle {role} {text} to send it to the workers: {type(exc).__name__}: {exc}. "
         "Pass picklable data (open files, locks, sockets and database connections are not); "

@@ -32,20 +32,28 @@ _warned_no_timeout = False
 
 
 class _TaskTimer:
-    """Arms SIGALRM around one task when a timeout is set and we are on the main thread."""
+    """Arms SIGALRM around each task when a timeout is set and we are on the main thread.
+
+    An alarm that was already set (rq's job timeout, a test runner's) is put back, less the
+    time spent, when the chunk is done; it cannot fire during the chunk.
+    """
 
     def __init__(self, timeout: float | None) -> None:
         global _warned_no_timeout
         self.enabled = bool(timeout) and threading.current_thread() is threading.main_thread()
         self.timeout = timeout
-        self.previous = None
+        self.previous_handler = None
+        self.previous_timer = (0.0, 0.0)
+        self.entered = 0.0
         if timeout and not self.enabled and not _warned_no_timeout:
             _warned_no_timeout = True
             log.warning("task timeouts are only enforced on a process's main thread; this one is not")
 
     def __enter__(self) -> _TaskTimer:
         if self.enabled:
-            self.previous = signal.signal(signal.SIGALRM, _on_alarm)
+            self.entered = time.monotonic()
+            self.previous_timer = signal.setitimer(signal.ITIMER_REAL, 0)
+            self.previous_handler = signal.signal(signal.SIGALRM, _on_alarm)
         return self
 
     def arm(self) -> None:
@@ -59,7 +67,11 @@ class _TaskTimer:
     def __exit__(self, *exc) -> None:
         if self.enabled:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.previous or signal.SIG_DFL)
+            signal.signal(signal.SIGALRM, self.previous_handler or signal.SIG_DFL)
+            delay, interval = self.previous_timer
+            if delay > 0:
+                remaining = max(delay - (time.monotonic() - self.entered), 0.001)
+                signal.setitimer(signal.ITIMER_REAL, remaining, interval)
 
 
 def _user_traceback(exc: BaseException) -> str:

@@ -215,7 +215,12 @@ class Run:
         kind, exc_type = (
             (LOST, "WorkerLost") if "Abandoned" in text or not text.strip() else ("error", "ChunkFailed")
         )
-        last_line = text.strip().splitlines()[-1] if text.strip() else text
+        # The root cause (a refused signature, say), not rq's wrapper exception around it.
+        lines = text.strip().splitlines()
+        separators = ("The above exception", "During handling")
+        chained = [i for i, line in enumerate(lines) if line.startswith(separators)]
+        root = [line for line in lines[: chained[0] if chained else len(lines)] if line.strip()]
+        last_line = root[-1] if root else text
         failures = {
             start + i: TaskFailure(
                 start + i, "<see chunk>", kind, exc_type, last_line, text, job.worker_name or "", 1

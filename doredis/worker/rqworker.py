@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -22,6 +23,7 @@ from . import state
 log = logging.getLogger("doredis.worker")
 #: rq's own per-job chatter (three lines a chunk) goes here, shown at DEBUG level only.
 rq_log = logging.getLogger("doredis.worker.rq")
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class _DoredisMixin:
@@ -84,6 +86,12 @@ class _DoredisMixin:
                 log.warning("heartbeat failed: %s: %s", type(exc).__name__, exc)
 
     def bootstrap(self, *args, **kwargs):
+        # rq registers the worker here but installs its SIGTERM handler only afterwards: a stop
+        # signal in between killed the worker with its registration left behind. Note such a
+        # signal and act on it once rq's handlers are in place (see _install_signal_handlers).
+        self._early_stop = None
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self._note_early_stop)
         super().bootstrap(*args, **kwargs)
         self._learn_value_limit()
         if self._beat_thread is None:
@@ -91,6 +99,15 @@ class _DoredisMixin:
                 target=self._beat_forever, name="doredis-heartbeat", daemon=True
             )
             self._beat_thread.start()
+
+    def _note_early_stop(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self._early_stop = signum
+
+    def _install_signal_handlers(self):
+        super()._install_signal_handlers()
+        if getattr(self, "_early_stop", None) is not None:
+            self.handle_warm_shutdown_request()
+            self._stop_requested = True  # rq's work loop stops before taking a chunk
 
     def teardown(self):
         self._beat_stop.set()
