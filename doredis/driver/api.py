@@ -71,8 +71,9 @@ def parallel_foreach(items: Iterable, fn: Callable[[Any], Any], **options: Any) 
     the results in input order, on the workers per chunk then in the driver, and returns the
     single value, or None when no task produced one; with ``ordered=False`` chunks are folded
     as they arrive, so ``reduce`` must then be commutative too), ``errors`` ("raise": the first
-    failure to arrive cancels the run and is raised; "skip"; "return"), ``retries`` (re-tries of a task that raised), ``timeout`` (seconds per task),
-    ``seed`` (per-task random streams), ``ordered`` (False: completion order), ``progress``
+    failure to arrive cancels the run and is raised; "skip"; "return"), ``retries`` (re-tries of
+    a task that raised), ``timeout`` (seconds per task), ``seed`` (per-task random streams),
+    ``ordered`` (False: completion order), ``progress``
     (force the bar on or off), ``queue``, ``redis`` (URL or client; default: DOREDIS_REDIS_URL,
     REDIS_URL, else an embedded server with local workers), ``backend`` ("serial" runs
     everything here, for debugging).
