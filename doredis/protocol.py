@@ -9,6 +9,9 @@ Keys of one run (``<id>`` is the run id, a 16-hex-digit string; all keys expire 
 ``doredis:run:<id>:meta``          hash    queue, total, chunks, state, created, options
 ``doredis:run:<id>:spec``          string  the signed, cloudpickled :class:`RunSpec` (the user's
                                            function travels once per run, not once per task)
+``doredis:run:<id>:items``         hash    chunk number -> signed, pickled list of the chunk's items
+                                           (kept out of rq's job data, which rq zlib-compresses;
+                                           deleted when the chunk's result is stored)
 ``doredis:run:<id>:results``       hash    chunk number -> signed, pickled :class:`ChunkResult`
                                            (written with HSETNX: a late duplicate is dropped)
 ``doredis:run:<id>:notify``        list    chunk numbers, pushed as results land; the driver
@@ -21,7 +24,8 @@ Keys of one run (``<id>`` is the run id, a 16-hex-digit string; all keys expire 
 =================================  ======  ====================================================
 
 Chunks travel as rq jobs (one job per chunk) on rq's own queue list ``rq:queue:<queue>``, so
-``rq info`` and rq-dashboard see them; the job id is ``dr-<id>-<chunk>``.
+``rq info`` and rq-dashboard see them; the job id is ``dr-<id>-<chunk>`` and its arguments are
+``(run id, chunk number, index of its first task)``.
 """
 
 from __future__ import annotations
@@ -90,6 +94,10 @@ class RunKeys:
         return self._k("spec")
 
     @property
+    def items(self) -> str:
+        return self._k("items")
+
+    @property
     def results(self) -> str:
         return self._k("results")
 
@@ -110,7 +118,16 @@ class RunKeys:
         return self._k("cancel")
 
     def all(self) -> list[str]:
-        return [self.meta, self.spec, self.results, self.notify, self.cursor, self.deaths, self.cancel]
+        return [
+            self.meta,
+            self.spec,
+            self.items,
+            self.results,
+            self.notify,
+            self.cursor,
+            self.deaths,
+            self.cancel,
+        ]
 
 
 def runs_key(queue: str) -> str:
@@ -174,9 +191,9 @@ class ChunkResult:
 
 # --- scripts ----------------------------------------------------------------------------------
 
-#: Stores a chunk's result once: KEYS = results, notify, meta; ARGV = chunk, blob, ok, failed, ttl.
-#: Returns 1 when stored, 0 when a result for that chunk was already there (a duplicate run),
-#: -1 when the run is gathered, cancelled or expired (a late result for nobody).
+#: Stores a chunk's result once: KEYS = results, notify, meta, items, cursor;
+#: ARGV = chunk, blob, ok, failed, ttl. Returns 1 when stored, 0 when a result for that chunk
+#: was already there (a duplicate run), -1 when the run is gathered, cancelled or expired.
 PUBLISH_RESULT = """
 local state = redis.call('HGET', KEYS[3], 'state')
 if state == false or state == 'done' or state == 'cancelled' then
@@ -185,6 +202,8 @@ end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'done', ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'failed', ARGV[4])
@@ -193,6 +212,15 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
+
+
+def publish_result(conn, keys: RunKeys, chunk_no: int, blob: bytes, ok: int, failed: int) -> int:
+    """Run PUBLISH_RESULT for one chunk; see there for the return value."""
+    script = conn.register_script(PUBLISH_RESULT)
+    return script(
+        keys=[keys.results, keys.notify, keys.meta, keys.items, keys.cursor],
+        args=[chunk_no, blob, ok, failed, run_ttl()],
+    )
 
 
 def run_ttl() -> int:

@@ -17,14 +17,26 @@ from .submit import submit_run
 BACKENDS = (None, "redis", "serial")
 
 
+_clients: dict[str, redis_py.Redis] = {}
+
+
 def _connect(target: str | redis_py.Redis | None) -> redis_py.Redis:
-    """The named server, else the environment's, else the embedded default (started once)."""
+    """The named server, else the environment's, else the embedded default (started once).
+
+    Clients are kept per URL, so repeated calls reuse their connections; each call still
+    PINGs, so a server that went away is reported at once.
+    """
     if isinstance(target, redis_py.Redis):
         return connection.connect(target)
     url = connection.resolve_url(target)
     if url is None:
         url = embedded.default_cluster().redis_url
-    return connection.connect(url)
+    client = _clients.get(url)
+    if client is not None:
+        return connection.connect(client)
+    client = connection.connect(url)
+    _clients[url] = client
+    return client
 
 
 def submit(

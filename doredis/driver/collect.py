@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from ..errors import TaskError
@@ -13,8 +12,8 @@ from .options import RunOptions
 class Collector:
     """Accepts chunk results in any order (duplicates included) and releases task results.
 
-    ``add`` returns the ``(index, value)`` pairs that are ready: in input order when
-    ``ordered``, else as they arrive. With ``errors="raise"`` the first failure raises
+    ``add`` returns the task values that are ready: in input order when ``ordered``, else as
+    they arrive. With ``errors="raise"`` the first failure raises
     :class:`TaskError`; ``"skip"`` leaves failed tasks out; ``"return"`` puts the TaskError in
     the task's place. With ``reduce``, chunk values are folded instead (see ``reduced``).
     """
@@ -30,7 +29,7 @@ class Collector:
         self._next_chunk = 0
         self._acc: list[Any] = []
 
-    def add(self, result: ChunkResult) -> list[tuple[int, Any]]:
+    def add(self, result: ChunkResult) -> list[Any]:
         if result.chunk_no in self.seen:
             return []  # a late duplicate of a chunk that ran twice
         self.seen.add(result.chunk_no)
@@ -41,27 +40,28 @@ class Collector:
             first = min(result.failures)
             raise TaskError.from_failure(result.failures[first])
         if not self.options.ordered:
-            return list(self._release(result))
+            return self._release(result)
         self._pending[result.chunk_no] = result
-        ready: list[tuple[int, Any]] = []
+        ready: list[Any] = []
         while self._next_chunk in self._pending:
             ready.extend(self._release(self._pending.pop(self._next_chunk)))
             self._next_chunk += 1
         return ready
 
-    def _release(self, result: ChunkResult) -> Iterator[tuple[int, Any]]:
+    def _release(self, result: ChunkResult) -> list[Any]:
+        """The chunk's values as the error mode wants them (nothing for a reduce run: it is folded)."""
         if self.reduce is not None:
             self._fold(result)
-            return
-        skip = self.options.errors == "skip"
+            return []
+        if not result.failures:
+            return result.values  # the common case: no per-task work in the driver
         failures = result.failures
-        for offset, value in enumerate(result.values):
-            index = result.start + offset
-            if index in failures:
-                if not skip:
-                    yield index, TaskError.from_failure(failures[index])
-            else:
-                yield index, value
+        if self.options.errors == "skip":
+            return [v for i, v in enumerate(result.values, result.start) if i not in failures]
+        return [
+            TaskError.from_failure(failures[i]) if i in failures else v
+            for i, v in enumerate(result.values, result.start)
+        ]
 
     def _fold(self, result: ChunkResult) -> None:
         if result.reduced:

@@ -134,7 +134,7 @@ class Executor(_Executor):
                 continue
             result = serialization.loads(blob, f"result of run {run.id}")
             collector = Collector(run.options)
-            value = collector.add(result)[0][1]
+            value = collector.add(result)[0]
             if isinstance(value, TaskError):
                 future.set_exception(value)
             else:

@@ -89,15 +89,17 @@ class Run:
     def results(self) -> Any:
         """Block until every task is done; the list of results (or the folded value with ``reduce``)."""
         collector = Collector(self.options, self._reduce)
-        values = [value for _, value in self._iterate(collector)]
+        values: list[Any] = []
+        for ready in self._iterate(collector):
+            values.extend(ready)
         return collector.reduced if self._reduce is not None else values
 
     def __iter__(self) -> Iterator[Any]:
-        collector = Collector(self.options, self._reduce)
-        for _, value in self._iterate(collector):
-            yield value
+        for ready in self._iterate(Collector(self.options, self._reduce)):
+            yield from ready
 
-    def _iterate(self, collector: Collector) -> Iterator[tuple[int, Any]]:
+    def _iterate(self, collector: Collector) -> Iterator[list[Any]]:
+        """Lists of task values, as they become ready."""
         done, _, total = self.progress()
         bar = self._bar = ProgressBar(wanted(self.options.progress), total, self.id)
         finished = False
@@ -106,7 +108,7 @@ class Run:
                 bar.advance(result.count)
                 if time.monotonic() - self._last_worker_check > 1:
                     self._check_workers()
-                yield from collector.add(result)
+                yield collector.add(result)
             finished = True
         except BaseException:
             # A task error in "raise" mode, Ctrl-C, or the caller leaving imap early: stop the workers.

@@ -35,7 +35,7 @@ class SerialRun:
     def cancel(self) -> int:
         return 0
 
-    def _iterate(self, collector: Collector) -> Iterator[tuple[int, Any]]:
+    def _iterate(self, collector: Collector) -> Iterator[list[Any]]:
         worker = f"{socket.gethostname()}:{os.getpid()}"
         bar = ProgressBar(wanted(self.options.progress), None, self.id)
         start = 0
@@ -48,17 +48,18 @@ class SerialRun:
                 self._done += result.count
                 self._failed += len(result.failures)
                 bar.advance(result.count)
-                yield from collector.add(result)
+                yield collector.add(result)
         finally:
             bar.close()
         self._total = start
 
     def results(self) -> Any:
         collector = Collector(self.options, self._spec.reduce)
-        values = [value for _, value in self._iterate(collector)]
+        values: list[Any] = []
+        for ready in self._iterate(collector):
+            values.extend(ready)
         return collector.reduced if self._spec.reduce is not None else values
 
     def __iter__(self) -> Iterator[Any]:
-        collector = Collector(self.options, self._spec.reduce)
-        for _, value in self._iterate(collector):
-            yield value
+        for ready in self._iterate(Collector(self.options, self._spec.reduce)):
+            yield from ready

@@ -88,7 +88,9 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
     flush_at = 1  # the first chunk goes out at once so workers start while the rest is cut
     try:
         for chunk in iter_chunks(items, options.chunk_size, workers):
-            batch.append(_job_data(run_id, chunk_no, total, chunk, ttl))
+            batch.append(
+                (chunk_no, pickle_items(chunk, total), _job_data(run_id, chunk_no, total, chunk, ttl))
+            )
             total += len(chunk)
             chunk_no += 1
             if len(batch) >= flush_at:
@@ -118,7 +120,7 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
 def _job_data(run_id: str, chunk_no: int, start: int, chunk: list, ttl: int):
     return Queue.prepare_data(
         protocol.JOB_FUNCTION,
-        args=(run_id, chunk_no, start, pickle_items(chunk, start)),
+        args=(run_id, chunk_no, start),
         job_id=protocol.job_id(run_id, chunk_no),
         timeout=protocol.CHUNK_JOB_TIMEOUT,
         result_ttl=0,
@@ -131,10 +133,13 @@ def _job_data(run_id: str, chunk_no: int, start: int, chunk: list, ttl: int):
 
 
 def _flush(conn: redis.Redis, queue: Queue, keys: RunKeys, batch: list, enqueued: int) -> None:
+    """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip."""
     if not batch:
         return
     with conn.pipeline() as pipe:
-        queue.enqueue_many(batch, pipeline=pipe)
+        pipe.hset(keys.items, mapping={chunk_no: blob for chunk_no, blob, _ in batch})
+        pipe.expire(keys.items, protocol.run_ttl())
+        queue.enqueue_many([job for _, _, job in batch], pipeline=pipe)
         pipe.hset(keys.meta, "enqueued", enqueued)
         pipe.execute()
 

@@ -18,7 +18,7 @@ _SPEC_CACHE: OrderedDict[str, RunSpec] = OrderedDict()
 _SPEC_CACHE_SIZE = 8
 
 
-def run_chunk(run_id: str, chunk_no: int, start: int, items_blob: bytes) -> None:
+def run_chunk(run_id: str, chunk_no: int, start: int) -> None:
     """Run chunk ``chunk_no`` of run ``run_id`` (its first task has index ``start``)."""
     job = get_current_job()
     conn: redis.Redis = job.connection
@@ -28,9 +28,12 @@ def run_chunk(run_id: str, chunk_no: int, start: int, items_blob: bytes) -> None
         protocol.CHUNK_REDELIVERIES - (job.retries_left or 0) + 1 if job.retries_left is not None else 1
     )
 
-    cancelled, left_cursor = _read_state(conn, keys, chunk_no)
+    cancelled, left_cursor, items_blob = _read_state(conn, keys, chunk_no)
     if cancelled:
         log.info("run %s is cancelled or gone; chunk %d dropped", run_id, chunk_no)
+        return
+    if items_blob is None:  # its result was stored by an earlier delivery, which dropped the items
+        log.info("chunk %d of run %s already has a result; this delivery is dropped", chunk_no, run_id)
         return
 
     try:
@@ -64,13 +67,15 @@ def run_chunk(run_id: str, chunk_no: int, start: int, items_blob: bytes) -> None
     _publish(conn, keys, result, worker, items)
 
 
-def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int) -> tuple[bool, int | None]:
+def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int) -> tuple[bool, int | None, bytes | None]:
+    """(run cancelled or gone, task index a dead delivery left in hand, the chunk's sealed items)."""
     with conn.pipeline(transaction=False) as pipe:
         pipe.exists(keys.cancel)
         pipe.exists(keys.meta)
         pipe.hget(keys.cursor, chunk_no)
-        cancel, meta, cursor = pipe.execute()
-    return bool(cancel) or not meta, (int(cursor) if cursor is not None else None)
+        pipe.hget(keys.items, chunk_no)
+        cancel, meta, cursor, items = pipe.execute()
+    return bool(cancel) or not meta, (int(cursor) if cursor is not None else None), items
 
 
 def _load_spec(conn: redis.Redis, keys: RunKeys) -> RunSpec | None:
@@ -133,24 +138,16 @@ def _publish(conn: redis.Redis, keys: RunKeys, result: ChunkResult, worker: str,
             f"({limit} bytes, proto-max-bulk-len): return less data per task or use a smaller chunk_size"
         )
         blob = serialization.dumps(_all_failed(result, items, "ResultTooLarge", reason))
-    script = conn.register_script(protocol.PUBLISH_RESULT)
     failed = len(result.failures)
     try:
-        stored = script(
-            keys=[keys.results, keys.notify, keys.meta],
-            args=[result.chunk_no, blob, result.count - failed, failed, protocol.run_ttl()],
-        )
+        stored = protocol.publish_result(conn, keys, result.chunk_no, blob, result.count - failed, failed)
     except redis.ResponseError as exc:
         reason = f"Redis refused to store the chunk's results ({len(blob)} bytes): {exc}"
         log.error("chunk %d of run %s: %s", result.chunk_no, keys.run_id, reason)
         small = _all_failed(result, items, "ResultTooLarge", reason)
         failed = len(small.failures)
-        stored = script(
-            keys=[keys.results, keys.notify, keys.meta],
-            args=[result.chunk_no, serialization.dumps(small), 0, failed, protocol.run_ttl()],
-        )
+        stored = protocol.publish_result(conn, keys, result.chunk_no, serialization.dumps(small), 0, failed)
     with conn.pipeline(transaction=False) as pipe:
-        pipe.hdel(keys.cursor, result.chunk_no)
         stats = protocol.worker_stats_key(worker)
         pipe.hincrby(stats, "chunks", 1)
         pipe.hincrby(stats, "tasks", result.count)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 
 from doredis import protocol
@@ -9,15 +12,19 @@ from doredis.protocol import RunKeys
 
 
 def _publish(conn, keys, chunk_no, blob, ok, failed, ttl=100):
-    script = conn.register_script(protocol.PUBLISH_RESULT)
-    return script(keys=[keys.results, keys.notify, keys.meta], args=[chunk_no, blob, ok, failed, ttl])
+    with mock.patch.dict(os.environ, {"DOREDIS_RUN_TTL": str(ttl)}):
+        return protocol.publish_result(conn, keys, chunk_no, blob, ok, failed)
 
 
 def test_publish_result_once_on_real_redis(conn):
     keys = RunKeys(protocol.new_run_id())
     conn.hset(keys.meta, mapping={"state": "running", "done": 0, "failed": 0})
+    conn.hset(keys.items, mapping={0: b"items of chunk 0", 1: b"items of chunk 1"})
+    conn.hset(keys.cursor, 0, 2)
     try:
         assert _publish(conn, keys, 0, b"first", 3, 1) == 1
+        assert conn.hkeys(keys.items) == [b"1"], "a stored chunk's items are no longer needed"
+        assert not conn.hexists(keys.cursor, 0)
         assert _publish(conn, keys, 0, b"again", 3, 1) == 0
         assert conn.hget(keys.results, "0") == b"first"
         assert conn.lrange(keys.notify, 0, -1) == [b"0"]

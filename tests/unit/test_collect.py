@@ -31,7 +31,7 @@ def test_out_of_order_chunks_are_released_in_order():
     c = Collector(RunOptions())
     assert c.add(CHUNKS[2]) == []
     assert c.add(CHUNKS[1]) == []
-    assert c.add(CHUNKS[0]) == list(enumerate("abcdefg"))
+    assert c.add(CHUNKS[0]) == list("abcdefg")
     assert c.tasks_done == 7
     assert c.workers == {"w1": 5, "w2": 2}
 
@@ -39,27 +39,27 @@ def test_out_of_order_chunks_are_released_in_order():
 def test_in_between_release():
     c = Collector(RunOptions())
     assert c.add(CHUNKS[1]) == []
-    assert c.add(CHUNKS[0]) == list(enumerate("abcde"))
-    assert c.add(CHUNKS[2]) == [(5, "f"), (6, "g")]
+    assert c.add(CHUNKS[0]) == list("abcde")
+    assert c.add(CHUNKS[2]) == ["f", "g"]
 
 
 def test_unordered_releases_immediately():
     c = Collector(RunOptions(ordered=False))
-    assert c.add(CHUNKS[2]) == [(5, "f"), (6, "g")]
-    assert c.add(CHUNKS[0]) == [(0, "a"), (1, "b"), (2, "c")]
-    assert c.add(CHUNKS[1]) == [(3, "d"), (4, "e")]
+    assert c.add(CHUNKS[2]) == ["f", "g"]
+    assert c.add(CHUNKS[0]) == ["a", "b", "c"]
+    assert c.add(CHUNKS[1]) == ["d", "e"]
 
 
 @pytest.mark.parametrize("ordered", [True, False])
 def test_duplicate_chunk_is_ignored(ordered):
     c = Collector(RunOptions(ordered=ordered))
     first = c.add(CHUNKS[0])
-    assert first == [(0, "a"), (1, "b"), (2, "c")]
+    assert first == ["a", "b", "c"]
     duplicate = _chunk(0, 0, ["X", "Y", "Z"], worker="w9")
     assert c.add(duplicate) == []
     assert c.tasks_done == 3
     assert "w9" not in c.workers
-    assert c.add(CHUNKS[1]) == [(3, "d"), (4, "e")]
+    assert c.add(CHUNKS[1]) == ["d", "e"]
 
 
 def test_errors_raise_raises_the_first_failure_of_the_chunk():
@@ -85,13 +85,13 @@ def test_errors_raise_raises_the_first_failure_of_the_chunk():
 def test_failure_kind_picks_the_exception_class(kind, cls):
     c = Collector(RunOptions(errors="return"))
     released = c.add(_chunk(0, 0, [None], {0: _failure(0, kind=kind)}))
-    assert type(released[0][1]) is cls
+    assert type(released[0]) is cls
 
 
 def test_errors_skip_leaves_failed_tasks_out():
     c = Collector(RunOptions(errors="skip"))
     out = c.add(_chunk(0, 0, ["a", None, "c"], {1: _failure(1)}))
-    assert out == [(0, "a"), (2, "c")]
+    assert out == ["a", "c"]
     assert c.tasks_failed == 1
     assert c.tasks_done == 3
 
@@ -100,9 +100,9 @@ def test_errors_return_puts_task_errors_in_place():
     c = Collector(RunOptions(errors="return"))
     c.add(_chunk(1, 3, ["d", None], {4: _failure(4, message="four")}))
     out = c.add(_chunk(0, 0, ["a", "b", "c"]))
-    assert [i for i, _ in out] == [0, 1, 2, 3, 4]
-    assert [v for _, v in out[:4]] == ["a", "b", "c", "d"]
-    err = out[4][1]
+    assert len(out) == 5
+    assert out[:4] == ["a", "b", "c", "d"]
+    err = out[4]
     assert isinstance(err, TaskError) and err.index == 4 and err.message == "four"
 
 

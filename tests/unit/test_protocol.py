@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 
 from doredis import protocol
@@ -14,7 +17,7 @@ fakeredis = pytest.importorskip("fakeredis")
 def test_run_keys_are_distinct_prefixed_and_embed_the_run_id():
     run_id = protocol.new_run_id()
     keys = RunKeys(run_id).all()
-    assert len(keys) == len(set(keys)) == 7
+    assert len(keys) == len(set(keys)) == 8
     for key in keys:
         assert key.startswith(f"{protocol.PREFIX}:run:{run_id}:")
     other = RunKeys(protocol.new_run_id()).all()
@@ -74,8 +77,8 @@ def fake():
 
 
 def _publish(conn, keys: RunKeys, chunk_no: int, blob: bytes, ok: int, failed: int, ttl: int = 100):
-    script = conn.register_script(protocol.PUBLISH_RESULT)
-    return script(keys=[keys.results, keys.notify, keys.meta], args=[chunk_no, blob, ok, failed, ttl])
+    with mock.patch.dict(os.environ, {"DOREDIS_RUN_TTL": str(ttl)}):
+        return protocol.publish_result(conn, keys, chunk_no, blob, ok, failed)
 
 
 def test_publish_result_stores_once_and_drops_duplicates(fake):
