@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 
+from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, Worker
 
 from .. import protocol, recovery
@@ -49,6 +50,14 @@ class _DoredisMixin:
         self._beat_lock = threading.Lock()
 
     # -- heartbeats ------------------------------------------------------------------------
+    def heartbeat(self, timeout: int | None = None, pipeline=None):
+        """rq refreshes the worker key two or three times per job; once a second is plenty for a
+        key that lives ``worker_ttl + 60`` seconds, and saves round trips on short chunks."""
+        if pipeline is None and timeout is None and self.last_heartbeat is not None:
+            if (utcnow() - self.last_heartbeat).total_seconds() < protocol.HEARTBEAT_INTERVAL:
+                return
+        super().heartbeat(timeout, pipeline)
+
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return protocol.HEARTBEAT_TTL
 
