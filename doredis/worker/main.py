@@ -26,8 +26,10 @@ def configure_logging(worker_name: str, level: str | None = None) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
-    # rq logs three lines per chunk; keep them for DEBUG.
-    logging.getLogger("doredis.worker.rq").setLevel(level if level == "DEBUG" else "WARNING")
+    # rq logs three lines per chunk (through "doredis.worker.rq", or "rq.worker" in a --fork
+    # child); keep them for DEBUG.
+    for name in ("doredis.worker.rq", "rq"):
+        logging.getLogger(name).setLevel(level if level == "DEBUG" else "WARNING")
 
 
 def run_worker(
