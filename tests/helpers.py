@@ -14,6 +14,8 @@ from typing import Any
 import redis
 from rq import Queue, Worker
 
+from doredis.embedded import wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
@@ -22,14 +24,10 @@ def wait_until(
     condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.02
 ) -> Any:
     """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    try:
+        return wait_for(condition, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def worker_count(conn: redis.Redis, queue: str) -> int:

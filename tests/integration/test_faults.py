@@ -10,7 +10,6 @@ import time
 import pytest
 import tasks
 from helpers import wait_until
-from rq.job import Job
 
 import doredis
 from doredis import protocol
@@ -20,45 +19,30 @@ def _executions(conn, key: str) -> list[int]:
     return [int(entry.split(b":")[0]) for entry in conn.lrange(key, 0, -1)]
 
 
-def _chunk_job_ids(conn, run_id: str) -> list[str]:
-    chunks = int(conn.hget(protocol.RunKeys(run_id).meta, "chunks"))
-    return [protocol.job_id(run_id, c) for c in range(chunks)]
+def _chunk_in_hand(redis_url, queue, workers, conn, n: int, chunk_size: int, seconds: float):
+    """One worker, a run of ``n`` recorded tasks, and that worker busy with its first chunk.
+
+    Returns (the worker process, the run, the Redis list where tasks record their starts).
+    """
+    key = f"exec:{queue}"
+    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=seconds)
+    (worker,) = workers.start(1)
+    run = doredis.submit(range(n), fn, chunk_size=chunk_size, redis=redis_url, queue=queue)
+    wait_until(lambda: conn.llen(key) >= 1, 20, "the first task to start")
+    return worker, run, key
 
 
 @pytest.mark.timeout(90)
 def test_sigkilled_worker_chunk_is_requeued_within_15s_and_results_arrive_once(
     redis_url, queue, workers, conn
 ):
-    key = f"exec:{queue}"
-    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=0.3)
-    (victim,) = workers.start(1)
-    run = doredis.submit(range(12), fn, chunk_size=4, redis=redis_url, queue=queue)
-
-    wait_until(lambda: conn.llen(key) >= 1, 20, "the first task to start")
-    started = {entry.decode() for entry in conn.zrange(f"rq:wip:{queue}", 0, -1)}
-    assert started, "a chunk should be in rq's started registry while it runs"
+    victim, run, key = _chunk_in_hand(redis_url, queue, workers, conn, n=12, chunk_size=4, seconds=0.3)
     victim.kill()
     victim.wait()
     killed_at = time.monotonic()
-    lost_job = next(iter(started)).split(":")[0]
-
     workers.start(1)
-
-    def requeued() -> bool:
-        job = Job.fetch(lost_job, connection=conn, serializer=doredis.serialization.RQSerializer)
-        return job.get_status() in ("queued", "started", "finished") and job.worker_name != f"{victim.pid}"
-
-    # back in the queue (or already taken by the new worker) within 15 s of the kill
-    wait_until(
-        lambda: (
-            conn.lpos(protocol.queue_list_key(queue), lost_job) is not None
-            or (conn.hget(Job.key_for(lost_job), "retries_left") or b"0")
-            != str(protocol.CHUNK_REDELIVERIES).encode()
-            or not conn.exists(Job.key_for(lost_job))
-        ),
-        15,
-        "the lost chunk to be requeued",
-    )
+    # task 0 was in hand when the worker died: the lost chunk is requeued and runs again
+    wait_until(lambda: _executions(conn, key).count(0) >= 2, 15, "the lost chunk to run again")
     assert time.monotonic() - killed_at < 15
     results = run.results()
     assert [x for x, _ in results] == list(range(12))
@@ -68,11 +52,7 @@ def test_sigkilled_worker_chunk_is_requeued_within_15s_and_results_arrive_once(
 
 @pytest.mark.timeout(60)
 def test_sigtermed_worker_finishes_its_chunk_and_nothing_runs_twice(redis_url, queue, workers, conn):
-    key = f"exec:{queue}"
-    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=0.2)
-    (leaving,) = workers.start(1)
-    run = doredis.submit(range(16), fn, chunk_size=4, redis=redis_url, queue=queue)
-    wait_until(lambda: conn.llen(key) >= 1, 20, "the first task to start")
+    leaving, run, key = _chunk_in_hand(redis_url, queue, workers, conn, n=16, chunk_size=4, seconds=0.2)
     leaving.send_signal(signal.SIGTERM)
     workers.start(1)
     results = run.results()
@@ -175,11 +155,7 @@ def test_two_drivers_on_one_queue_see_only_their_own_results(redis_url, queue, w
 def test_a_chunk_that_runs_twice_is_delivered_once(redis_url, queue, workers, conn):
     """A worker that stalls (SIGSTOP: a long GC pause, a frozen VM) is presumed dead, its chunk
     runs again elsewhere, and then the stalled worker wakes up and finishes it too."""
-    key = f"exec:{queue}"
-    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=0.5)
-    (stalled,) = workers.start(1)
-    run = doredis.submit(range(4), fn, chunk_size=2, redis=redis_url, queue=queue)
-    wait_until(lambda: conn.llen(key) >= 1, 20, "the first task to start")
+    stalled, run, key = _chunk_in_hand(redis_url, queue, workers, conn, n=4, chunk_size=2, seconds=0.5)
     stalled.send_signal(signal.SIGSTOP)
     try:
         workers.start(1)
@@ -196,11 +172,7 @@ def test_a_chunk_that_runs_twice_is_delivered_once(redis_url, queue, workers, co
 
 @pytest.mark.timeout(60)
 def test_second_sigterm_stops_at_once_and_the_chunk_goes_back(redis_url, queue, workers, conn):
-    key = f"exec:{queue}"
-    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=1.0)
-    (leaving,) = workers.start(1)
-    run = doredis.submit(range(6), fn, chunk_size=6, redis=redis_url, queue=queue)
-    wait_until(lambda: conn.llen(key) >= 1, 20, "the first task to start")
+    leaving, run, key = _chunk_in_hand(redis_url, queue, workers, conn, n=6, chunk_size=6, seconds=1.0)
     leaving.send_signal(signal.SIGTERM)
     wait_until(lambda: "warm shutdown" in workers.log_text(leaving), 10, "the first signal to be handled")
     leaving.send_signal(signal.SIGTERM)
