@@ -65,3 +65,24 @@ def started_at(x, seconds=0.05):
     began = time.time()
     time.sleep(seconds)
     return x, os.getpid(), began
+
+
+class LoadCounter:
+    """Counts in Redis how often it is unpickled, i.e. how often a worker loads the run's function."""
+
+    def __init__(self, redis_url: str, key: str, payload: bytes = b"") -> None:
+        self.redis_url, self.key, self.payload = redis_url, key, payload
+
+    def __reduce__(self):
+        return _loaded_counter, (self.redis_url, self.key, self.payload)
+
+
+def _loaded_counter(redis_url: str, key: str, payload: bytes) -> LoadCounter:
+    import redis
+
+    redis.Redis.from_url(redis_url).rpush(key, os.getpid())
+    return LoadCounter(redis_url, key, payload)
+
+
+def payload_size(x, counter: LoadCounter):
+    return x, len(counter.payload), os.getpid()
