@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -11,7 +12,7 @@ from collections import Counter
 def darts(n: int) -> tuple[int, int, str]:
     """Throw ``n`` darts at the unit square; count those inside the quarter circle."""
     hits = sum(1 for _ in range(n) if random.random() ** 2 + random.random() ** 2 <= 1.0)
-    return hits, n, f"{socket.gethostname()}:{__import__('os').getpid()}"
+    return hits, n, f"{socket.gethostname()}:{os.getpid()}"
 
 
 def run_demo(tasks: int = 200, darts_per_task: int = 20_000, redis: str | None = None, seed: int = 1) -> dict:
