@@ -13,7 +13,7 @@ from rq.job import Job
 
 from .. import protocol, recovery, serialization
 from ..errors import RunCancelled
-from ..protocol import LOST, ChunkResult, RunKeys, TaskFailure
+from ..protocol import ERROR, LOST, ChunkResult, RunKeys, TaskFailure
 from ..serialization import RQSerializer
 from .collect import Collector
 from .options import RunOptions
@@ -52,7 +52,6 @@ class Run:
         self.options = options
         self.keys = RunKeys(run_id)
         self._reduce = reduce if reduce is not None else options.reduce
-        self._gathered = False
 
     def __repr__(self) -> str:
         done, failed, total = self.progress()
@@ -100,7 +99,7 @@ class Run:
 
     def _iterate(self, collector: Collector) -> Iterator[list[Any]]:
         """Lists of task values, as they become ready."""
-        done, _, total = self.progress()
+        _, _, total = self.progress()
         bar = self._bar = ProgressBar(wanted(self.options.progress), total, self.id)
         finished = False
         try:
@@ -128,9 +127,7 @@ class Run:
     def _finish(self, collector: Collector) -> None:
         """All results are in: free their memory in Redis, keep the summary for ``status``."""
         with self.conn.pipeline() as pipe:
-            pipe.delete(
-                self.keys.results, self.keys.notify, self.keys.cursor, self.keys.deaths, self.keys.spec
-            )
+            pipe.delete(*[key for key in self.keys.all() if key != self.keys.meta])
             pipe.hset(self.keys.meta, "state", "done")
             pipe.expire(self.keys.meta, 3600)
             pipe.zrem(protocol.runs_key(self.options.queue), self.id)
@@ -215,7 +212,7 @@ class Run:
         except Exception:  # rq keeps no result for some failures
             text = ""
         kind, exc_type = (
-            (LOST, "WorkerLost") if "Abandoned" in text or not text.strip() else ("error", "ChunkFailed")
+            (LOST, "WorkerLost") if "Abandoned" in text or not text.strip() else (ERROR, "ChunkFailed")
         )
         # The root cause (a refused signature, say), not rq's wrapper exception around it.
         lines = text.strip().splitlines()
