@@ -36,12 +36,13 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> None:
         log.info("chunk %d of run %s already has a result; this delivery is dropped", chunk_no, run_id)
         return
 
+    items = None
     try:
-        spec = _load_spec(conn, keys)
         items = serialization.loads(items_blob, f"chunk {chunk_no} of run {run_id}")
+        spec = _load_spec(conn, keys)
     except Exception as exc:  # a missing module, a refused signature: every task of the chunk fails
         log.error("chunk %d of run %s cannot be loaded: %s: %s", chunk_no, run_id, type(exc).__name__, exc)
-        _publish(conn, keys, _whole_chunk_failed(chunk_no, start, job, worker, exc), worker)
+        _publish(conn, keys, _whole_chunk_failed(chunk_no, start, job, worker, exc, items), worker)
         return
     if spec is None:
         log.info("run %s has no spec (expired or purged); chunk %d dropped", run_id, chunk_no)
@@ -115,18 +116,18 @@ def _lost_tasks(
     )
 
 
-def _whole_chunk_failed(chunk_no: int, start: int, job, worker: str, exc: BaseException) -> ChunkResult:
-    count = _chunk_length(job)
+def _whole_chunk_failed(
+    chunk_no: int, start: int, job, worker: str, exc: BaseException, items
+) -> ChunkResult:
+    """Every task of the chunk failed with ``exc`` (its items, when they could be loaded, name each task)."""
+    count = len(items) if items is not None else int((job.meta or {}).get("count", 1))
     failures = {
-        start + i: taskrun.failure_from_exception(start + i, "<not loaded>", exc, worker, 1)
+        start + i: taskrun.failure_from_exception(
+            start + i, items[i] if items is not None else "<not loaded>", exc, worker, 1
+        )
         for i in range(count)
     }
     return ChunkResult(chunk_no, start, count, worker, [None] * count, failures)
-
-
-def _chunk_length(job) -> int:
-    meta = job.meta or {}
-    return int(meta.get("count", 1))
 
 
 def _publish(conn: redis.Redis, keys: RunKeys, result: ChunkResult, worker: str, items=None) -> None:

@@ -78,6 +78,7 @@ def test_task_needing_a_module_the_worker_lacks(redis_url, queue, workers, tmp_p
     got = parallel_foreach(range(3), module.triple, redis=redis_url, queue=queue, progress=False,
                            errors="return")
     assert all(isinstance(e, TaskError) and name in str(e) for e in got)
+    assert [(e.index, e.item) for e in got] == [(0, "0"), (1, "1"), (2, "2")], "each error names its task"
     # The same worker still runs tasks it can load.
     assert parallel_foreach([2], tasks.square, redis=redis_url, queue=queue, progress=False) == [4]
 
