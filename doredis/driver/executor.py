@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _Executor
 from concurrent.futures import Future
@@ -56,9 +57,15 @@ class Executor(_Executor):
         self._thread = threading.Thread(target=self._wait_loop, name="doredis-executor", daemon=True)
         self._thread.start()
 
-    def _options(self, fn: Callable, errors: str):
+    def _options(self, fn: Callable, errors: str, chunk_size: int | None = None):
         return validate(
-            fn, errors=errors, retries=self._retries, timeout=self._timeout, progress=False, queue=self._queue
+            fn,
+            chunk_size=chunk_size,
+            errors=errors,
+            retries=self._retries,
+            timeout=self._timeout,
+            progress=False,
+            queue=self._queue,
         )
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
@@ -74,12 +81,19 @@ class Executor(_Executor):
     def map(
         self, fn: Callable, *iterables: Iterable, timeout: float | None = None, chunksize: int = 1
     ) -> Iterator[Any]:
-        """Results in order; the first failure raises :class:`doredis.TaskError` when reached."""
+        """Results in order; the first failure raises :class:`doredis.TaskError` when reached.
+
+        ``timeout``: a ``TimeoutError`` when a result is not there ``timeout`` seconds after the
+        call (the run is then cancelled). ``chunksize`` > 1 forces that many tasks per chunk;
+        the default 1 lets doredis choose, as ``chunk_size=None`` does.
+        """
         star = functools.partial(_star, fn)
-        run = submit_run(self._conn, zip(*iterables, strict=False), star, self._options(star, "return"))
+        options = self._options(star, "return", chunk_size=chunksize if chunksize > 1 else None)
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        run = submit_run(self._conn, zip(*iterables, strict=False), star, options)
 
         def results() -> Iterator[Any]:
-            for value in run:
+            for value in run.iterate(deadline=deadline):
                 if isinstance(value, TaskError):
                     raise value
                 yield value

@@ -94,16 +94,21 @@ class Run:
         return collector.reduced if self._reduce is not None else values
 
     def __iter__(self) -> Iterator[Any]:
-        for ready in self._iterate(Collector(self.options, self._reduce)):
+        return self.iterate()
+
+    def iterate(self, deadline: float | None = None) -> Iterator[Any]:
+        """Task values as they become ready; a ``TimeoutError`` (and the run cancelled) when one is
+        not there by ``deadline`` (a ``time.monotonic()`` value)."""
+        for ready in self._iterate(Collector(self.options, self._reduce), deadline):
             yield from ready
 
-    def _iterate(self, collector: Collector) -> Iterator[list[Any]]:
+    def _iterate(self, collector: Collector, deadline: float | None = None) -> Iterator[list[Any]]:
         """Lists of task values, as they become ready."""
         _, _, total = self.progress()
         bar = self._bar = ProgressBar(wanted(self.options.progress), total, self.id)
         finished = False
         try:
-            for result in self._chunk_results():
+            for result in self._chunk_results(deadline):
                 bar.advance(result.count)
                 if time.monotonic() - self._last_worker_check > 1:
                     self._check_workers()
@@ -153,7 +158,7 @@ class Run:
             )
         return count
 
-    def _chunk_results(self) -> Iterator[ChunkResult]:
+    def _chunk_results(self, deadline: float | None = None) -> Iterator[ChunkResult]:
         """Every chunk result once, as they land: first what is stored already (attach), then BLPOP."""
         seen: set[int] = set()
         stored = [int(c) for c in self.conn.hkeys(self.keys.results)]
@@ -164,7 +169,12 @@ class Run:
                 return
             if self.conn.exists(self.keys.cancel):
                 raise RunCancelled(f"run {self.id} was cancelled")
-            popped = self.conn.blpop([self.keys.notify], timeout=WAIT_SLICE)
+            wait = WAIT_SLICE
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError(f"run {self.id}: results not ready by the deadline")
+            popped = self.conn.blpop([self.keys.notify], timeout=max(wait, 0.01))
             if popped is None:
                 yield from self._health_check(seen)
                 continue
