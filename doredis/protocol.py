@@ -45,9 +45,12 @@ MAX_DELIVERIES = 3
 #: How many times rq may hand an abandoned chunk out again. Poison tasks are cut off by
 #: MAX_DELIVERIES well before this; it only bounds pathological loops.
 CHUNK_REDELIVERIES = 8
-#: Heartbeat of a worker while it runs a chunk, and the TTL that heartbeat keeps alive.
+#: Heartbeat of a worker while it runs a chunk, and the TTL that heartbeat keeps alive: a chunk
+#: whose worker is silent this long is presumed lost and requeued. The heartbeat is a thread, so a
+#: task that holds the GIL longer than the TTL (some native code does) is presumed lost too: raise
+#: ``DOREDIS_HEARTBEAT_TTL`` on such workers, or run them with ``--fork``.
 HEARTBEAT_INTERVAL = 1.0
-HEARTBEAT_TTL = 6
+HEARTBEAT_TTL = int(os.environ.get("DOREDIS_HEARTBEAT_TTL", 6))
 #: How often an idle worker or a waiting driver sweeps rq's started registry for abandoned chunks.
 SWEEP_INTERVAL = 2.0
 
