@@ -102,6 +102,8 @@ class _DoredisMixin:
         for signum in _STOP_SIGNALS:
             signal.signal(signum, self._note_early_stop)
         super().bootstrap(*args, **kwargs)
+        # rq's bootstrap sets "rq.worker" to INFO; a --fork child logs through it.
+        logging.getLogger("rq.worker").setLevel(rq_log.getEffectiveLevel())
         self._learn_value_limit()
         if self._beat_thread is None:
             self._beat_thread = threading.Thread(

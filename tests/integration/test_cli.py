@@ -375,6 +375,7 @@ def test_fork_mode_runs_tasks_in_child_processes(redis_url, queue, workers):
         x + offset for x in range(20)
     ]
     assert process.poll() is None  # the worker itself survives its forked children
+    assert "Job OK" not in workers.log_text(process), "rq's per-chunk INFO lines belong to DEBUG"
 
 
 # --- demo and local ------------------------------------------------------------------------------
