@@ -85,13 +85,20 @@ class Run:
         return removed
 
     # -- gathering ------------------------------------------------------------------------------
+    _gathered: tuple[Any] | None = None
+
     def results(self) -> Any:
-        """Block until every task is done; the list of results (or the folded value with ``reduce``)."""
-        collector = Collector(self.options, self._reduce)
-        values: list[Any] = []
-        for ready in self._iterate(collector):
-            values.extend(ready)
-        return collector.reduced if self._reduce is not None else values
+        """Block until every task is done; the list of results (or the folded value with ``reduce``).
+
+        Results leave Redis once gathered, so a second call returns what the first one got.
+        """
+        if self._gathered is None:
+            collector = Collector(self.options, self._reduce)
+            values: list[Any] = []
+            for ready in self._iterate(collector):
+                values.extend(ready)
+            self._gathered = (collector.reduced if self._reduce is not None else values,)
+        return self._gathered[0]
 
     def __iter__(self) -> Iterator[Any]:
         return self.iterate()
@@ -160,6 +167,8 @@ class Run:
 
     def _chunk_results(self, deadline: float | None = None) -> Iterator[ChunkResult]:
         """Every chunk result once, as they land: first what is stored already (attach), then BLPOP."""
+        if self.conn.hget(self.keys.meta, "state") == b"done":
+            raise RuntimeError(f"run {self.id} was already gathered to the end; its results left Redis then")
         seen: set[int] = set()
         stored = [int(c) for c in self.conn.hkeys(self.keys.results)]
         yield from self._fetch(stored, seen)

@@ -1,3 +1,4 @@
+import pytest
 from tasks import square
 
 import doredis
@@ -17,3 +18,12 @@ def test_a_gathered_run_leaves_only_its_summary_in_redis(redis_url, queue, worke
     assert [k for k in keys.all() if conn.exists(k)] == [keys.meta]
     assert conn.hget(keys.meta, "state") == b"done"
     assert 0 < conn.ttl(keys.meta) <= 3600
+
+
+def test_results_twice_returns_the_same_and_iterating_again_says_why_not(redis_url, queue, workers):
+    workers.start(1)
+    run = doredis.submit(range(10), square, redis=redis_url, queue=queue)
+    first = run.results()
+    assert run.results() == first == [x * x for x in range(10)]
+    with pytest.raises(RuntimeError, match="already gathered"):
+        list(run)
