@@ -218,8 +218,27 @@ class Run:
             for chunk_no in missing:
                 pipe.hget(Job.key_for(protocol.job_id(self.id, chunk_no)), "status")
             statuses = pipe.execute()
+        self._raise_if_vanished([c for c, s in zip(missing, statuses, strict=True) if s is None])
         failed = [c for c, s in zip(missing, statuses, strict=True) if s == b"failed"]
         return [self._failed_chunk(c) for c in failed if c not in seen and not seen.add(c)]
+
+    def _raise_if_vanished(self, jobless: list[int]) -> None:
+        """Chunks with neither an rq job nor a result were purged, flushed or evicted: say so
+        instead of waiting forever. (A worker stores the result before rq deletes the job, so a
+        chunk whose job was gone before this check has its result by now.)"""
+        if not jobless:
+            return
+        with self.conn.pipeline(transaction=False) as pipe:
+            for chunk_no in jobless:
+                pipe.hexists(self.keys.results, chunk_no)
+            stored = pipe.execute()
+        gone = [c for c, has in zip(jobless, stored, strict=True) if not has]
+        if gone:
+            raise RuntimeError(
+                f"run {self.id}: {len(gone)} chunk(s) (first: {gone[0]}) vanished from Redis with no result "
+                "(purged, flushed, or evicted by maxmemory); their tasks cannot be recovered. Give Redis "
+                "enough memory with maxmemory-policy noeviction, and submit the run again."
+            )
 
     def _failed_chunk(self, chunk_no: int) -> ChunkResult:
         """A chunk rq marked failed with no doredis result (payload refused, or lost too often)."""

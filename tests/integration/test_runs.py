@@ -112,3 +112,13 @@ def test_tasks_wait_for_a_worker(redis_url, queue, workers, conn, caplog):
     workers.start(1)
     assert run.results() == [x * x for x in range(12)]
     assert conn.llen(queue_key) == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_chunk_that_vanishes_from_redis_is_reported_not_waited_for(redis_url, queue, conn):
+    from rq.job import Job
+
+    run = doredis.submit(range(4), tasks.square, chunk_size=2, redis=redis_url, queue=queue)
+    conn.delete(Job.key_for(protocol.job_id(run.id, 1)))  # as maxmemory eviction or a FLUSH would
+    with pytest.raises(RuntimeError, match="vanished"):
+        run.results()
