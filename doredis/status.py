@@ -20,6 +20,7 @@ class WorkerInfo:
     chunks: int
     tasks: int
     failures: int
+    working_on: str = ""  # "run <id> chunk <n>" while busy with a doredis chunk
 
 
 @dataclass
@@ -65,9 +66,15 @@ def queue_status(conn: redis.Redis, queue: str) -> QueueStatus:
     workers = []
     for w in Worker.all(connection=conn, queue=q):
         stats = {k.decode(): int(v) for k, v in conn.hgetall(protocol.worker_stats_key(w.name)).items()}
+        current = protocol.parse_job_id(w.get_current_job_id() or "")
         workers.append(
             WorkerInfo(
-                w.name, w.get_state(), stats.get("chunks", 0), stats.get("tasks", 0), stats.get("failures", 0)
+                w.name,
+                w.get_state(),
+                stats.get("chunks", 0),
+                stats.get("tasks", 0),
+                stats.get("failures", 0),
+                f"run {current[0]} chunk {current[1]}" if current else "",
             )
         )
     return QueueStatus(
@@ -87,7 +94,8 @@ def format_status(status: QueueStatus) -> str:
     if not status.workers:
         lines.append("  none connected: queued tasks wait until a worker starts")
     for w in status.workers:
-        lines.append(f"  {w.name:<32} {w.state:<10} chunks={w.chunks} tasks={w.tasks} failures={w.failures}")
+        line = f"  {w.name:<32} {w.state:<10} chunks={w.chunks} tasks={w.tasks} failures={w.failures}"
+        lines.append(f"{line}  ({w.working_on})" if w.working_on else line)
     return "\n".join(lines)
 
 

@@ -436,3 +436,20 @@ def test_local_prints_url_serves_drivers_and_stops(tmp_path, sig):
             process.kill()
             process.wait()
         stderr.close()
+
+
+@pytest.mark.timeout(60)
+def test_status_names_the_chunk_a_busy_worker_is_on(redis_url, queue, workers, conn):
+    import functools
+
+    import tasks
+
+    (process,) = workers.start(1)
+    key = f"exec:{queue}"
+    fn = functools.partial(tasks.recorded_sleep, redis_url=redis_url, key=key, seconds=1.0)
+    run = doredis.submit(range(2), fn, chunk_size=2, redis=redis_url, queue=queue)
+    wait_until(lambda: conn.llen(key) >= 1, 20, "the chunk to start")
+    out = CliRunner().invoke(main, ["status", "--redis", redis_url, "--queue", queue]).output
+    name = re.escape(worker_name(process))
+    assert re.search(rf"^\s+{name}\s+busy\s+.*\(run {run.id} chunk 0\)$", out, re.M), out
+    assert [x for x, _ in run.results()] == [0, 1]
