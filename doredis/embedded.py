@@ -154,23 +154,16 @@ class LocalCluster:
 
     def wait_ready(self, timeout: float = 30) -> bool:
         """Wait until every worker process has registered with the queue (False on timeout)."""
-        from rq import Queue, Worker
+        from .status import connected_workers
 
         conn = redis.Redis.from_url(self.redis_url)
-        queue = Queue(self.queue, connection=conn)
         want = len(self.workers)
         try:
-            wait_for(
-                lambda: Worker.count(connection=conn, queue=queue) >= want, timeout, f"{want} local workers"
-            )
+            wait_for(lambda: connected_workers(conn, self.queue) >= want, timeout, f"{want} local workers")
             return True
         except TimeoutError:
-            log.warning(
-                "only %d of %d local workers registered within %s s",
-                Worker.count(connection=conn, queue=queue),
-                want,
-                timeout,
-            )
+            registered = connected_workers(conn, self.queue)
+            log.warning("only %d of %d local workers registered within %s s", registered, want, timeout)
             return False
         finally:
             conn.close()

@@ -42,6 +42,11 @@ class QueueStatus:
     workers: list[WorkerInfo]
 
 
+def connected_workers(conn: redis.Redis, queue: str) -> int:
+    """How many workers are registered on ``queue`` (rq's worker registry)."""
+    return Worker.count(connection=conn, queue=Queue(queue, connection=conn))
+
+
 def queue_status(conn: redis.Redis, queue: str) -> QueueStatus:
     q = Queue(queue, connection=conn, serializer=RQSerializer)
     runs = []

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from rq import Queue, Worker
 
 from doredis.embedded import wait_for
+from doredis.status import connected_workers
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -31,7 +31,7 @@ def wait_until(
 
 
 def worker_count(conn: redis.Redis, queue: str) -> int:
-    return Worker.count(connection=conn, queue=Queue(queue, connection=conn))
+    return connected_workers(conn, queue)
 
 
 class WorkerPool:

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from rq import Queue, Worker
 from rq.job import Job
 
 from .. import protocol, recovery, serialization
 from ..errors import RunCancelled
 from ..protocol import ERROR, LOST, ChunkResult, RunKeys, TaskFailure
 from ..serialization import RQSerializer
+from ..status import connected_workers
 from .collect import Collector
 from .options import RunOptions
 from .progressbar import ProgressBar, wanted
@@ -153,7 +153,7 @@ class Run:
 
     def _check_workers(self) -> int:
         self._last_worker_check = time.monotonic()
-        count = Worker.count(connection=self.conn, queue=Queue(self.options.queue, connection=self.conn))
+        count = connected_workers(self.conn, self.options.queue)
         if self._bar is not None:
             self._bar.workers(count)
         if count == 0 and not self._warned_no_worker:

@@ -9,11 +9,12 @@ import time
 from collections.abc import Callable, Iterable
 
 import redis
-from rq import Queue, Retry, Worker
+from rq import Queue, Retry
 
 from .. import protocol, serialization
 from ..protocol import RunKeys
 from ..serialization import RQSerializer
+from ..status import connected_workers
 from .chunking import iter_chunks
 from .options import RunOptions
 from .run import Run, remove_queued_chunks
@@ -49,10 +50,6 @@ def pickle_items(items: list, start: int) -> bytes:
             except Exception as inner:
                 raise serialization.pickling_error(item, f"item {start + offset}", inner) from inner
         raise serialization.pickling_error(items, f"the chunk starting at item {start}", exc) from exc
-
-
-def connected_workers(conn: redis.Redis, queue: str) -> int:
-    return Worker.count(connection=conn, queue=Queue(queue, connection=conn))
 
 
 def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOptions) -> Run:
