@@ -52,65 +52,75 @@ _META = {
     },
     "additionalProperties": False,
 }
-# Structural schemas of the KEDA CRDs used here (kubernetes-validate knows only
-# built-in kinds); field names and types as in KEDA 2.x's ScaledObject and
-# TriggerAuthentication CRDs.
-KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
-    "ScaledObject": {
+
+
+def _keda_object(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a keda.sh/v1alpha1 object of ``kind`` whose spec follows ``spec``."""
+    return {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "additionalProperties": False,
         "properties": {
             "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "kind": {"const": "ScaledObject"},
+            "kind": {"const": kind},
             "metadata": _META,
-            "spec": {
-                "type": "object",
-                "required": ["scaleTargetRef", "triggers"],
-                "additionalProperties": False,
-                "properties": {
-                    "scaleTargetRef": {
+            "spec": spec,
+        },
+    }
+
+
+# Structural schemas of the KEDA CRDs used here (kubernetes-validate knows only
+# built-in kinds); field names and types as in KEDA 2.x's ScaledObject and
+# TriggerAuthentication CRDs.
+KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ScaledObject": _keda_object(
+        "ScaledObject",
+        {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "name": {"type": "string"},
+                        "envSourceContainerName": {"type": "string"},
+                    },
+                },
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+                "idleReplicaCount": {"type": "integer", "minimum": 0},
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "fallback": {"type": "object"},
+                "advanced": {"type": "object"},
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
                         "type": "object",
-                        "required": ["name"],
+                        "required": ["type", "metadata"],
                         "additionalProperties": False,
                         "properties": {
-                            "apiVersion": {"type": "string"},
-                            "kind": {"type": "string"},
+                            "type": {"type": "string"},
                             "name": {"type": "string"},
-                            "envSourceContainerName": {"type": "string"},
-                        },
-                    },
-                    "pollingInterval": {"type": "integer", "minimum": 1},
-                    "cooldownPeriod": {"type": "integer", "minimum": 0},
-                    "initialCooldownPeriod": {"type": "integer", "minimum": 0},
-                    "idleReplicaCount": {"type": "integer", "minimum": 0},
-                    "minReplicaCount": {"type": "integer", "minimum": 0},
-                    "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "fallback": {"type": "object"},
-                    "advanced": {"type": "object"},
-                    "triggers": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["type", "metadata"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "type": {"type": "string"},
-                                "name": {"type": "string"},
-                                "useCachedMetrics": {"type": "boolean"},
-                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                                # map[string]string: numbers must be quoted.
-                                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                                "authenticationRef": {
-                                    "type": "object",
-                                    "required": ["name"],
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "name": {"type": "string"},
-                                        "kind": {
-                                            "enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]
-                                        },
+                            "useCachedMetrics": {"type": "boolean"},
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            # map[string]string: numbers must be quoted.
+                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "authenticationRef": {
+                                "type": "object",
+                                "required": ["name"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "kind": {
+                                        "enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]
                                     },
                                 },
                             },
@@ -119,41 +129,34 @@ KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
                 },
             },
         },
-    },
-    "TriggerAuthentication": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "additionalProperties": False,
-        "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "kind": {"const": "TriggerAuthentication"},
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "minProperties": 1,
-                "additionalProperties": False,
-                "properties": {
-                    "secretTargetRef": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["parameter", "name", "key"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "parameter": {"type": "string"},
-                                "name": {"type": "string"},
-                                "key": {"type": "string"},
-                            },
+    ),
+    "TriggerAuthentication": _keda_object(
+        "TriggerAuthentication",
+        {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": False,
+            "properties": {
+                "secretTargetRef": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["parameter", "name", "key"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "parameter": {"type": "string"},
+                            "name": {"type": "string"},
+                            "key": {"type": "string"},
                         },
                     },
-                    "env": {"type": "array"},
-                    "configMapTargetRef": {"type": "array"},
-                    "podIdentity": {"type": "object"},
                 },
+                "env": {"type": "array"},
+                "configMapTargetRef": {"type": "array"},
+                "podIdentity": {"type": "object"},
             },
         },
-    },
+    ),
 }
 
 
