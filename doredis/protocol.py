@@ -132,6 +132,10 @@ class RunKeys:
             self.cancel,
         ]
 
+    def all_but(self, keep: str) -> list[str]:
+        """Every key of the run except ``keep`` (to delete a run while leaving one marker behind)."""
+        return [key for key in self.all() if key != keep]
+
 
 def runs_key(queue: str) -> str:
     return f"{PREFIX}:runs:{queue}"

@@ -113,7 +113,7 @@ def purge(conn: redis.Redis, queue: str) -> tuple[int, int]:
         for rid in run_ids:
             keys = RunKeys(rid)
             pipe.set(keys.cancel, 1, ex=protocol.run_ttl())
-            pipe.delete(*[k for k in keys.all() if k != keys.cancel])
+            pipe.delete(*keys.all_but(keys.cancel))
         pipe.delete(protocol.runs_key(queue))
         pipe.execute()
     q.empty()

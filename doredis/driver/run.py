@@ -139,7 +139,7 @@ class Run:
     def _finish(self, collector: Collector) -> None:
         """All results are in: free their memory in Redis, keep the summary for ``status``."""
         with self.conn.pipeline() as pipe:
-            pipe.delete(*[key for key in self.keys.all() if key != self.keys.meta])
+            pipe.delete(*self.keys.all_but(self.keys.meta))
             pipe.hset(self.keys.meta, "state", "done")
             pipe.expire(self.keys.meta, 3600)
             pipe.zrem(protocol.runs_key(self.options.queue), self.id)

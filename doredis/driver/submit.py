@@ -147,6 +147,6 @@ def _discard(conn: redis.Redis, run_id: str, chunks: int, queue_name: str) -> No
     conn.set(keys.cancel, 1, ex=60)
     remove_queued_chunks(conn, queue_name, run_id, chunks)
     with conn.pipeline(transaction=False) as pipe:
-        pipe.delete(*[k for k in keys.all() if k != keys.cancel])
+        pipe.delete(*keys.all_but(keys.cancel))
         pipe.zrem(protocol.runs_key(queue_name), run_id)
         pipe.execute()
