@@ -27,7 +27,8 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/home/doredis/.local/bin:${PATH}
 
 # tini reaps forked task processes and forwards SIGTERM to doredis, which then
-# finishes the chunk in hand before it exits.
+# finishes the chunk in hand (or, after DOREDIS_DRAIN_TIMEOUT, hands the rest back
+# to the queue) before it exits.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
  && rm -rf /var/lib/apt/lists/* \
@@ -50,8 +51,12 @@ WORKDIR /home/doredis
 # Numeric, so that Kubernetes' runAsNonRoot can check it.
 USER 10001:10001
 
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
-    CMD ["doredis", "ping"]
+# Liveness of the default role, the worker: its heartbeat thread touches a file every second
+# and `doredis alive` fails when that is older than 120 s (DOREDIS_LIVENESS_MAX_AGE) - a wedged
+# or dead worker - whether or not Redis answers (a Redis outage must not mark every worker
+# unhealthy).  Containers running a driver instead: --no-healthcheck (compose's driver does).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
+    CMD ["doredis", "alive"]
 
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/doredis-entrypoint"]
 CMD ["worker"]

@@ -13,7 +13,7 @@
 #    a derived image instead (FROM doredis / RUN pip install ...).
 #
 # 2. The command: doredis subcommands and options run as `doredis ARGS...`
-#    (`worker`, `demo`, `ping`, `--help`, ...); a first argument that is a
+#    (`worker`, `demo`, `ping`, `alive`, `--help`, ...); a first argument that is a
 #    program on PATH (`python /scripts/driver.py`, `sh`, `doredis ...`) runs
 #    as given.  Either way it is exec'ed, so signals reach it directly.
 set -eu
@@ -40,7 +40,7 @@ else
     case "$1" in
         # doredis subcommands always go to doredis, even if a program of the
         # same name (ping!) happens to be on PATH.
-        worker | ping | demo | status | scale | local | cancel | purge | -*)
+        worker | ping | alive | demo | status | scale | local | cancel | purge | -*)
             set -- doredis "$@"
             ;;
         *)

@@ -14,9 +14,18 @@ import deploykit  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def renderings() -> dict[str, list[deploykit.Obj]]:
+def k8s_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of k8s/ whose secret.env the real k8s/generate-secret.sh wrote (the
+    working tree has none: it is git-ignored)."""
+    return deploykit.k8s_copy_with_secret(tmp_path_factory.mktemp("render") / "k8s", deploykit.TEST_NAMESPACE)
+
+
+@pytest.fixture(scope="session")
+def renderings(k8s_copy: Path) -> dict[str, list[deploykit.Obj]]:
     """Rendered objects of k8s/ and of every overlay, keyed by path relative to the repo."""
-    return {str(d.relative_to(deploykit.REPO)): deploykit.render(d) for d in deploykit.kustomize_dirs()}
+    return {
+        str(d.relative_to(k8s_copy.parent)): deploykit.render(d) for d in deploykit.kustomize_dirs(k8s_copy)
+    }
 
 
 @pytest.fixture(scope="session")

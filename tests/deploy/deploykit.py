@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import re
 import shutil
@@ -17,12 +18,29 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 OVERLAYS = K8S / "overlays"
 DRIVER_JOB = K8S / "driver" / "job.yaml"
+# The git-ignored env file the base's secretGenerator reads, and the script that writes it.
+SECRET_ENV = Path("base") / "secret.env"
+GENERATE_SECRET = K8S / "generate-secret.sh"
+# The namespace the tests' rendered copy of k8s/ generates its secret.env for: not
+# "default", so that a hard-coded "default" anywhere shows.
+TEST_NAMESPACE = "team-a"
 
 Obj = dict[str, Any]
 
 # The only kustomization fields the fallback renderer understands; anything
 # else makes it refuse rather than silently render something different.
-FALLBACK_FIELDS = {"apiVersion", "kind", "resources", "replicas", "images", "patches"}
+FALLBACK_FIELDS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "components",
+    "secretGenerator",
+    "generatorOptions",
+    "replicas",
+    "images",
+    "patches",
+    "replacements",
+}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "ReplicaSet", "ReplicationController"}
 
 
@@ -32,9 +50,25 @@ def load_yaml_docs(path: Path) -> list[Obj]:
         return [doc for doc in yaml.safe_load_all(fh) if doc]
 
 
-def kustomize_dirs() -> list[Path]:
-    """k8s/ itself and every overlay directory."""
-    return [K8S, *sorted(p.parent for p in OVERLAYS.glob("*/kustomization.yaml"))]
+def kustomize_dirs(root: Path = K8S) -> list[Path]:
+    """``root`` (k8s/ or a copy of it) itself and every overlay directory."""
+    return [root, *sorted(p.parent for p in (root / "overlays").glob("*/kustomization.yaml"))]
+
+
+def k8s_copy_with_secret(dest: Path, namespace: str = "default") -> Path:
+    """A copy of k8s/ at ``dest`` (without any secret.env of the working tree) whose
+    secret.env was written by the real k8s/generate-secret.sh, as a user would."""
+    shutil.copytree(K8S, dest, ignore=lambda _d, names: [n for n in names if n == SECRET_ENV.name])
+    proc = subprocess.run(
+        ["sh", str(dest / GENERATE_SECRET.name), namespace],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"generate-secret.sh failed: {proc.stderr}")
+    return dest
 
 
 def render_with_kubectl(path: Path) -> list[Obj]:
@@ -59,13 +93,19 @@ def render(path: Path) -> list[Obj]:
 # ----------------------------------------------------------- fallback renderer
 def render_fallback(path: Path) -> list[Obj]:
     """A small kustomize for the subset of fields used under k8s/."""
+    return _kustomize(path, [], "Kustomization")
+
+
+def _kustomize(path: Path, objs: list[Obj], kind: str) -> list[Obj]:
+    """Apply the kustomization (or Component) at ``path`` to the objects accumulated so far."""
     kfile = path / "kustomization.yaml"
     kust = yaml.safe_load(kfile.read_text(encoding="utf-8"))
     unknown = set(kust) - FALLBACK_FIELDS
     if unknown:
         raise NotImplementedError(f"{kfile}: fallback renderer does not support {sorted(unknown)}")
+    if kust.get("kind", "Kustomization") != kind:
+        raise ValueError(f"{kfile}: expected a {kind}, found {kust.get('kind')}")
 
-    objs: list[Obj] = []
     for res in kust.get("resources", []):
         target = (path / res).resolve()
         if target.is_dir():
@@ -73,15 +113,32 @@ def render_fallback(path: Path) -> list[Obj]:
         else:
             objs.extend(load_yaml_docs(target))
 
+    # As kustomize does: components after resources, then generators, then transformers.
+    for component in kust.get("components", []):
+        objs = _kustomize((path / component).resolve(), objs, "Component")
+
+    objs.extend(_generate_secrets(path, kust))
+
+    for replacement in kust.get("replacements", []):
+        _replace(kfile, objs, replacement)
+
     for patch in kust.get("patches", []):
         if set(patch) != {"path", "target"}:
             raise NotImplementedError(f"{kfile}: only patches with path + target are supported")
         ops = yaml.safe_load((path / patch["path"]).read_text(encoding="utf-8"))
-        if not isinstance(ops, list):
-            raise NotImplementedError(f"{kfile}: only JSON6902 (list of operations) patches are supported")
         matched = [o for o in objs if _matches_target(o, patch["target"])]
         if not matched:
             raise ValueError(f"{kfile}: patch target {patch['target']} matches no resource")
+        if isinstance(ops, dict) and ops.get("$patch") == "delete":
+            # A strategic-merge patch that deletes its target, and nothing else.
+            if set(ops) - {"$patch", "apiVersion", "kind", "metadata"}:
+                raise NotImplementedError(f"{kfile}: only whole-object $patch: delete is supported")
+            objs = [o for o in objs if not any(o is m for m in matched)]
+            continue
+        if not isinstance(ops, list):
+            raise NotImplementedError(
+                f"{kfile}: only JSON6902 (list of operations) and $patch: delete patches are supported"
+            )
         for obj in matched:
             apply_json6902(obj, ops)
 
@@ -108,6 +165,99 @@ def render_fallback(path: Path) -> list[Obj]:
                     new += "@" + digest
                 container["image"] = new
     return objs
+
+
+def _generate_secrets(path: Path, kust: Obj) -> list[Obj]:
+    """secretGenerator entries (env files and literals), without name hash suffixes."""
+    kfile = path / "kustomization.yaml"
+    general = kust.get("generatorOptions", {})
+    if set(general) - {"disableNameSuffixHash", "labels", "annotations"}:
+        raise NotImplementedError(f"{kfile}: generatorOptions {sorted(general)}")
+    out = []
+    for gen in kust.get("secretGenerator", []):
+        if set(gen) - {"name", "envs", "literals", "type", "options"}:
+            raise NotImplementedError(f"{kfile}: secretGenerator fields {sorted(gen)}")
+        options = {**general, **gen.get("options", {})}
+        if not options.get("disableNameSuffixHash"):
+            raise NotImplementedError(f"{kfile}: name hash suffixes are not supported")
+        pairs: list[str] = list(gen.get("literals", []))
+        for env in gen.get("envs", []):
+            # Fails like kustomize when the env file is missing.
+            pairs.extend(_env_file_lines(path / env))
+        data: dict[str, str] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise NotImplementedError(f"{kfile}: {key!r} takes its value from the environment")
+            if not re.fullmatch(r"[-._a-zA-Z0-9]+", key):
+                raise ValueError(f"{kfile}: invalid Secret key {key!r}")
+            data[key] = base64.b64encode(value.encode()).decode()
+        metadata: Obj = {"name": gen["name"]}
+        for field in ("labels", "annotations"):
+            if options.get(field):
+                metadata[field] = dict(options[field])
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": metadata,
+                "type": gen.get("type", "Opaque"),
+                "data": data,
+            }
+        )
+    return out
+
+
+def _replace(kfile: Path, objs: list[Obj], replacement: Obj) -> None:
+    """A kustomize replacement whose source and targets are selected by kind + name and
+    whose field paths are plain dotted keys (the value, maps included, is copied)."""
+    source, targets = replacement.get("source", {}), replacement.get("targets", [])
+    if set(replacement) != {"source", "targets"} or set(source) != {"kind", "name", "fieldPath"}:
+        raise NotImplementedError(f"{kfile}: replacement {replacement}")
+
+    def selected(sel: Obj) -> list[Obj]:
+        if set(sel) - {"kind", "name"}:
+            raise NotImplementedError(f"{kfile}: replacement selector {sel}")
+        return [o for o in objs if o["kind"] == sel["kind"] and o["metadata"].get("name") == sel["name"]]
+
+    def keys(field_path: str) -> list[str]:
+        parts = field_path.split(".")
+        if any(not re.fullmatch(r"[A-Za-z0-9_-]+", part) for part in parts):
+            raise NotImplementedError(f"{kfile}: field path {field_path!r}")
+        return parts
+
+    [src] = selected({"kind": source["kind"], "name": source["name"]}) or [None]
+    if src is None:
+        raise ValueError(f"{kfile}: nothing selected by {source}")
+    value: Any = src
+    for key in keys(source["fieldPath"]):
+        value = value[key]
+    for target in targets:
+        if set(target) - {"select", "fieldPaths", "options"} or set(target.get("options", {})) - {"create"}:
+            raise NotImplementedError(f"{kfile}: replacement target {target}")
+        create = target.get("options", {}).get("create", False)
+        for obj in selected(target["select"]):
+            for field_path in target["fieldPaths"]:
+                *parents, last = keys(field_path)
+                node = obj
+                for key in parents:
+                    if key not in node and create:
+                        node[key] = {}
+                    node = node[key]
+                if last not in node and not create:
+                    raise ValueError(f"{kfile}: {field_path} missing and options.create is not set")
+                node[last] = copy.deepcopy(value)
+
+
+def _env_file_lines(path: Path) -> list[str]:
+    """KEY=VALUE lines of an env file as kustomize reads them: leading blanks and
+    comment lines dropped, the value taken verbatim."""
+    lines = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.lstrip()
+        if line and not line.startswith("#"):
+            lines.append(line)
+    return lines
 
 
 def _matches_target(obj: Obj, target: dict[str, str]) -> bool:
@@ -191,6 +341,8 @@ def pod_template(obj: Obj) -> Obj | None:
         return obj["spec"]["template"]
     if kind == "CronJob":
         return obj["spec"]["jobTemplate"]["spec"]["template"]
+    if kind == "ScaledJob" and obj["apiVersion"].startswith("keda.sh/"):
+        return obj["spec"]["jobTargetRef"]["template"]
     if kind == "Pod":
         return {"metadata": obj["metadata"], "spec": obj["spec"]}
     return None
@@ -219,6 +371,14 @@ def selector_matches(selector: Obj, labels: dict[str, str]) -> bool:
     return bool(match) and all(labels.get(k) == v for k, v in match.items())
 
 
+def secret_values(secret: Obj) -> dict[str, str]:
+    """A Secret's values, decoded (``data``, which kustomize base64-encodes and wraps
+    at 76 characters, and ``stringData``)."""
+    values = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+    values.update(secret.get("stringData", {}))
+    return values
+
+
 def env_list(container: Obj) -> list[Obj]:
     return list(container.get("env", []))
 
@@ -228,6 +388,22 @@ def env_value(container: Obj, name: str) -> Obj:
         if entry["name"] == name:
             return entry
     raise KeyError(f"container {container['name']} has no env {name}")
+
+
+def env_setting(container: Obj, objs: list[Obj], name: str) -> str:
+    """The literal value a container gets for ``name``: from its env list, else from a
+    ConfigMap it loads with envFrom."""
+    for entry in env_list(container):
+        if entry["name"] == name:
+            if "value" not in entry:
+                raise KeyError(f"container {container['name']}: {name} is not a literal")
+            return str(entry["value"])
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            data = one(objs, "ConfigMap", source["configMapRef"]["name"]).get("data", {})
+            if name in data:
+                return str(data[name])
+    raise KeyError(f"container {container['name']} has no setting {name}")
 
 
 # ----------------------------------------------------------------- Dockerfile

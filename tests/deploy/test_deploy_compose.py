@@ -72,6 +72,43 @@ def test_worker_scales(services: dict[str, Any]) -> None:
     assert duration_seconds(worker["stop_grace_period"]) >= 300
 
 
+@pytest.mark.parametrize("env", [{}, {"DOREDIS_DRAIN_TIMEOUT": "60"}])
+def test_workers_drain_within_the_stop_grace_period(raw: dict[str, Any], env: dict[str, str]) -> None:
+    """A stopped worker finishes or hands back its chunk within DOREDIS_DRAIN_TIMEOUT, which
+    must end before Compose's SIGKILL (stop_grace_period), with room for the hand-back."""
+    worker = interpolate(raw, env)["services"]["worker"]
+    grace = duration_seconds(worker["stop_grace_period"])
+    drain = float(worker["environment"]["DOREDIS_DRAIN_TIMEOUT"])
+    assert drain == float(env.get("DOREDIS_DRAIN_TIMEOUT", drain))
+    assert 0 < drain < grace and grace - drain >= 10, (drain, grace)
+
+
+def test_worker_healthcheck_is_liveness_not_redis(services: dict[str, Any]) -> None:
+    """A worker is healthy when its process is alive and not wedged (`doredis alive`), not
+    when Redis answers: a Redis outage must not make every worker unhealthy."""
+    check = services["worker"]["healthcheck"]
+    assert check["test"] == ["CMD", "doredis", "alive"]
+    assert duration_seconds(check["timeout"]) >= 5
+    assert duration_seconds(check["start_period"]) >= 60, "time for EXTRA_PIP_PACKAGES"
+    # The driver runs the same image, whose HEALTHCHECK is the worker's: not for a driver.
+    assert services["driver"]["healthcheck"] == {"disable": True}
+
+
+def _redis_options(command: list[str]) -> dict[str, str]:
+    assert command[0] == "redis-server" and len(command) % 2 == 1, command
+    return {command[i][2:]: command[i + 1] for i in range(1, len(command), 2)}
+
+
+@pytest.mark.parametrize("env", [{}, {"REDIS_MAXMEMORY": "4gb"}])
+def test_redis_keeps_an_aof_and_fails_cleanly_when_full(raw: dict[str, Any], env: dict[str, str]) -> None:
+    redis = interpolate(raw, env)["services"]["redis"]
+    options = _redis_options(redis["command"])
+    assert options["appendonly"] == "yes" and options["appendfsync"] == "everysec"
+    assert options["maxmemory-policy"] == "noeviction"
+    assert options["maxmemory"] == env.get("REDIS_MAXMEMORY", "1gb")
+    assert "/data" in [v.split(":")[1] for v in redis["volumes"]], "the AOF lives in the redis-data volume"
+
+
 def test_driver_and_dashboard_only_on_request(services: dict[str, Any]) -> None:
     assert services["driver"]["profiles"] == ["driver"]
     assert services["dashboard"]["profiles"] == ["dashboard"]
@@ -103,7 +140,12 @@ def test_clients_use_the_redis_service_and_password(raw: dict[str, Any], env: di
         assert url.port == 6379, name
         assert url.password == password == env.get("REDIS_PASSWORD", "doredis"), name
     worker_env, driver_env = services["worker"]["environment"], services["driver"]["environment"]
-    assert worker_env == driver_env, "driver and workers must share URL, queue and DOREDIS_SECRET"
+    # Only worker settings may differ (the drain timeout).
+    shared = set(worker_env) - {"DOREDIS_DRAIN_TIMEOUT"}
+    assert shared == set(driver_env)
+    assert {k: worker_env[k] for k in shared} == driver_env, (
+        "driver and workers must share URL, queue and DOREDIS_SECRET"
+    )
     assert worker_env["DOREDIS_QUEUE"] == env.get("DOREDIS_QUEUE", "doredis")
     assert worker_env["DOREDIS_SECRET"]
 

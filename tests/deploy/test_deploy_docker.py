@@ -70,8 +70,11 @@ def test_entrypoint_cmd_and_healthcheck(instructions: list[tuple[str, str]]) -> 
     installed = entrypoint[-1]
     copies = [a.split() for instr, a in stage if instr == "COPY"]
     assert ["docker/entrypoint.sh", installed] in copies
+    # Liveness (the worker process is alive and not wedged), never "Redis answers".
     health = [a for instr, a in stage if instr == "HEALTHCHECK"][-1]
-    assert re.search(r'CMD \["doredis", "ping"\]', health)
+    assert re.search(r'CMD \["doredis", "alive"\]', health)
+    start_period = re.search(r"--start-period=(\d+)s", health)
+    assert start_period and int(start_period.group(1)) >= 60, "time for EXTRA_PIP_PACKAGES"
 
 
 def test_dockerignore_keeps_what_the_build_copies(instructions: list[tuple[str, str]]) -> None:
@@ -273,6 +276,7 @@ def test_without_extra_packages_nothing_is_installed(container: Container) -> No
     [
         (["worker"], ["worker"]),
         (["ping"], ["ping"]),  # not the `ping` program on PATH
+        (["alive"], ["alive"]),
         (["--help"], ["--help"]),
         (["some-future-subcommand", "-x"], ["some-future-subcommand", "-x"]),
         (["doredis", "status"], ["status"]),

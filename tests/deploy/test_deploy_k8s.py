@@ -1,11 +1,17 @@
-"""k8s/: render the kustomize base and every overlay, validate every object
-against the Kubernetes OpenAPI schemas (offline, kubernetes-validate) and check
-the invariants doredis relies on."""
+"""k8s/: render the kustomize base and every overlay (in a copy of k8s/ whose
+secret.env k8s/generate-secret.sh wrote), validate every object against the
+Kubernetes OpenAPI schemas (offline, kubernetes-validate) and KEDA's CRDs'
+structure, and check the invariants doredis relies on."""
 
 from __future__ import annotations
 
+import copy
+import math
+import os
 import re
 import shutil
+import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,20 +22,28 @@ import pytest
 import yaml
 from deploykit import (
     DRIVER_JOB,
+    GENERATE_SECRET,
     K8S,
     OVERLAYS,
     REPO,
+    SECRET_ENV,
+    TEST_NAMESPACE,
     Obj,
     dockerfile_instructions,
+    env_setting,
     env_value,
     final_stage,
     find,
+    k8s_copy_with_secret,
     kustomize_dirs,
+    load_yaml_docs,
     one,
     pod_spec,
     pod_template,
+    render,
     render_fallback,
     render_with_kubectl,
+    secret_values,
     selector_matches,
 )
 
@@ -69,9 +83,60 @@ def _keda_object(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_TRIGGERS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["type", "metadata"],
+        "additionalProperties": False,
+        "properties": {
+            "type": {"type": "string"},
+            "name": {"type": "string"},
+            "useCachedMetrics": {"type": "boolean"},
+            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+            # map[string]string: numbers must be quoted.
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "authenticationRef": {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string"},
+                    "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]},
+                },
+            },
+        },
+    },
+}
+
+# autoscaling/v2 HPAScalingRules (what KEDA passes on to the HPA it creates).
+_HPA_SCALING_RULES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+        "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+        "policies": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "value", "periodSeconds"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"enum": ["Pods", "Percent"]},
+                    "value": {"type": "integer", "minimum": 1},
+                    "periodSeconds": {"type": "integer", "minimum": 1, "maximum": 1800},
+                },
+            },
+        },
+    },
+}
+
 # Structural schemas of the KEDA CRDs used here (kubernetes-validate knows only
-# built-in kinds); field names and types as in KEDA 2.x's ScaledObject and
-# TriggerAuthentication CRDs.
+# built-in kinds); field names and types as in KEDA 2.x's ScaledObject,
+# ScaledJob and TriggerAuthentication CRDs.  (A ScaledJob's jobTargetRef is a
+# batch/v1 JobSpec: test_keda_job_templates_validate_as_jobs checks it.)
 KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
     "ScaledObject": _keda_object(
         "ScaledObject",
@@ -98,35 +163,68 @@ KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
                 "minReplicaCount": {"type": "integer", "minimum": 0},
                 "maxReplicaCount": {"type": "integer", "minimum": 1},
                 "fallback": {"type": "object"},
-                "advanced": {"type": "object"},
-                "triggers": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["type", "metadata"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "type": {"type": "string"},
-                            "name": {"type": "string"},
-                            "useCachedMetrics": {"type": "boolean"},
-                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                            # map[string]string: numbers must be quoted.
-                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                            "authenticationRef": {
-                                "type": "object",
-                                "required": ["name"],
-                                "additionalProperties": False,
-                                "properties": {
-                                    "name": {"type": "string"},
-                                    "kind": {
-                                        "enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]
+                "advanced": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "restoreToOriginalReplicaCount": {"type": "boolean"},
+                        "scalingModifiers": {"type": "object"},
+                        "horizontalPodAutoscalerConfig": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string"},
+                                "behavior": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "scaleUp": _HPA_SCALING_RULES,
+                                        "scaleDown": _HPA_SCALING_RULES,
                                     },
                                 },
                             },
                         },
                     },
                 },
+                "triggers": _TRIGGERS,
+            },
+        },
+    ),
+    "ScaledJob": _keda_object(
+        "ScaledJob",
+        {
+            "type": "object",
+            "required": ["jobTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "jobTargetRef": {"type": "object", "required": ["template"]},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "successfulJobsHistoryLimit": {"type": "integer", "minimum": 0},
+                "failedJobsHistoryLimit": {"type": "integer", "minimum": 0},
+                "rolloutStrategy": {"enum": ["gradual", "immediate"]},
+                "rollout": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "strategy": {"enum": ["gradual", "immediate"]},
+                        "propagationPolicy": {"enum": ["foreground", "background"]},
+                    },
+                },
+                "envSourceContainerName": {"type": "string"},
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "scalingStrategy": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "strategy": {"enum": ["default", "custom", "accurate", "eager"]},
+                        "customScalingQueueLengthDeduction": {"type": "integer"},
+                        "customScalingRunningJobPercentage": {"type": "string"},
+                        "pendingPodConditions": {"type": "array", "items": {"type": "string"}},
+                        "multipleScalersCalculation": {"enum": ["min", "avg", "sum", "max"]},
+                    },
+                },
+                "triggers": _TRIGGERS,
             },
         },
     ),
@@ -159,6 +257,47 @@ KEDA_SCHEMAS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Parameters KEDA's redis scaler reads (pkg/scalers/redis_scaler.go, KEDA 2.12+):
+# from the trigger's metadata, and from a TriggerAuthentication.  A misspelt one
+# (listlength, enableTls) would be silently ignored by KEDA.
+REDIS_TRIGGER_METADATA = {
+    "address",
+    "addresses",
+    "host",
+    "hosts",
+    "port",
+    "ports",
+    "username",
+    "password",
+    "listName",
+    "listLength",
+    "activationListLength",
+    "databaseIndex",
+    "enableTLS",
+    "unsafeSsl",
+    "addressFromEnv",
+    "hostFromEnv",
+    "portFromEnv",
+    "usernameFromEnv",
+    "passwordFromEnv",
+}
+REDIS_AUTH_PARAMETERS = {
+    "address",
+    "addresses",
+    "host",
+    "hosts",
+    "port",
+    "ports",
+    "username",
+    "password",
+    "tls",
+    "ca",
+    "cert",
+    "key",
+    "keyPassword",
+}
+KEDA_OVERLAYS = ("k8s/overlays/keda", "k8s/overlays/keda-scaledjob")
+
 
 def _all_objects(renderings: dict[str, list[Obj]], driver_job: Obj) -> list[tuple[str, Obj]]:
     out = [(where, obj) for where, objs in renderings.items() for obj in objs]
@@ -170,6 +309,13 @@ def _worker(objs: list[Obj]) -> Obj:
     return one(objs, "Deployment", "worker")
 
 
+def _worker_workload(objs: list[Obj]) -> Obj:
+    """What runs the workers: the Deployment, or (keda-scaledjob overlay) KEDA's ScaledJob."""
+    found = find(objs, "Deployment", "worker") + find(objs, "ScaledJob", "worker")
+    assert len(found) == 1, f"expected one worker Deployment or ScaledJob, found {len(found)}"
+    return found[0]
+
+
 def _container(obj: Obj, name: str) -> Obj:
     spec = pod_spec(obj)
     assert spec is not None
@@ -179,10 +325,7 @@ def _container(obj: Obj, name: str) -> Obj:
 
 
 def _secret_data(objs: list[Obj], name: str) -> dict[str, str]:
-    secret = one(objs, "Secret", name)
-    data = dict(secret.get("stringData", {}))
-    data.update({k: "<base64>" for k in secret.get("data", {})})
-    return data
+    return secret_values(one(objs, "Secret", name))
 
 
 def _configmap_data(objs: list[Obj], name: str) -> dict[str, str]:
@@ -208,7 +351,7 @@ def _expand(value: str, container: Obj, objs: list[Obj]) -> str:
 
 # ------------------------------------------------------------------ rendering
 def test_every_kustomization_renders(renderings: dict[str, list[Obj]]) -> None:
-    assert set(renderings) >= {"k8s", "k8s/overlays/keda", "k8s/overlays/redis-persistent"}
+    assert set(renderings) >= {"k8s", *KEDA_OVERLAYS, "k8s/overlays/redis-persistent"}
     for where, objs in renderings.items():
         assert objs, f"{where} renders nothing"
         keys = [(o["apiVersion"], o["kind"], o["metadata"].get("name")) for o in objs]
@@ -216,12 +359,18 @@ def test_every_kustomization_renders(renderings: dict[str, list[Obj]]) -> None:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not on PATH")
-@pytest.mark.parametrize("path", kustomize_dirs(), ids=lambda p: str(p.relative_to(REPO)))
-def test_fallback_renderer_agrees_with_kubectl(path: Path) -> None:
+@pytest.mark.parametrize("rel", [str(p.relative_to(REPO)) for p in kustomize_dirs()])
+def test_fallback_renderer_agrees_with_kubectl(rel: str, k8s_copy: Path) -> None:
     """The Python renderer, used where kubectl is missing, gives kubectl's result."""
+    path = k8s_copy.parent / rel
 
     def keyed(objs: list[Obj]) -> dict[tuple[str, str, str], Obj]:
-        return {(o["apiVersion"], o["kind"], o["metadata"]["name"]): o for o in objs}
+        out = {}
+        for o in objs:
+            if o["kind"] == "Secret":  # kubectl wraps long base64 values: compare them decoded
+                o = {**o, "data": secret_values(o)}
+            out[(o["apiVersion"], o["kind"], o["metadata"]["name"])] = o
+        return out
 
     assert keyed(render_fallback(path)) == keyed(render_with_kubectl(path))
 
@@ -230,6 +379,153 @@ def test_fallback_renderer_refuses_unknown_fields(tmp_path: Path) -> None:
     (tmp_path / "kustomization.yaml").write_text("namePrefix: x-\nresources: []\n", encoding="utf-8")
     with pytest.raises(NotImplementedError):
         render_fallback(tmp_path)
+
+
+def test_fallback_renderer_refuses_hashed_secret_names(tmp_path: Path) -> None:
+    (tmp_path / "s.env").write_text("a=b\n", encoding="utf-8")
+    (tmp_path / "kustomization.yaml").write_text(
+        "secretGenerator:\n  - name: s\n    envs: [s.env]\n", encoding="utf-8"
+    )
+    with pytest.raises(NotImplementedError):
+        render_fallback(tmp_path)
+
+
+# ---------------------------------------------------------------- credentials
+def test_no_credentials_are_committed() -> None:
+    """No Secret manifest (with placeholder values) is left for kustomize to apply; the
+    env file the Secret is generated from is git-ignored."""
+    assert not (K8S / "base" / "secret.yaml").exists()
+    for path in K8S.rglob("*.yaml"):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in load_yaml_docs(path):
+            assert not (isinstance(doc, dict) and doc.get("kind") == "Secret"), f"{path} ships a Secret"
+    git = shutil.which("git")
+    if git is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    env_file = str((K8S / SECRET_ENV).relative_to(REPO))
+    ignored = subprocess.run([git, "check-ignore", "-q", env_file], cwd=REPO, timeout=30, check=False)
+    assert ignored.returncode == 0, f"{env_file} is not git-ignored"
+
+
+@pytest.mark.parametrize("rel", [str(p.relative_to(REPO)) for p in kustomize_dirs()])
+def test_nothing_renders_without_the_generated_secret(rel: str, tmp_path: Path) -> None:
+    """A clone where nobody ran generate-secret.sh cannot apply anything (let alone
+    placeholder credentials): rendering fails and names the missing file."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy, ignore=lambda _d, names: [n for n in names if n == SECRET_ENV.name])
+    path = tmp_path / rel
+    with pytest.raises(FileNotFoundError):
+        render_fallback(path)
+    if shutil.which("kubectl"):
+        with pytest.raises(RuntimeError, match="secret.env"):
+            render_with_kubectl(path)
+
+
+def _generate(k8s: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(k8s / GENERATE_SECRET.name), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_generate_secret_writes_random_credentials(tmp_path: Path) -> None:
+    first = k8s_copy_with_secret(tmp_path / "one" / "k8s", "ns-1")
+    second = k8s_copy_with_secret(tmp_path / "two" / "k8s", "ns-1")
+    values = []
+    for k8s in (first, second):
+        env = k8s / SECRET_ENV
+        assert stat.S_IMODE(env.stat().st_mode) & 0o077 == 0, "secret.env is readable by others"
+        [secret] = find(render(k8s), "Secret", "doredis")
+        data = secret_values(secret)
+        assert set(data) == {"redis-password", "doredis-secret", "redis-address"}
+        assert re.fullmatch(r"[0-9a-f]{48}", data["redis-password"]), "URL-safe, 192 bits"
+        assert re.fullmatch(r"[0-9a-f]{64}", data["doredis-secret"]), "256 bits"
+        assert data["redis-address"] == "redis.ns-1.svc.cluster.local:6379"
+        values.append(data)
+    assert values[0]["redis-password"] != values[1]["redis-password"]
+    assert values[0]["doredis-secret"] != values[1]["doredis-secret"]
+
+
+def test_generate_secret_keeps_existing_credentials_unless_forced(tmp_path: Path) -> None:
+    k8s = k8s_copy_with_secret(tmp_path / "k8s")
+    env = k8s / SECRET_ENV
+    before = env.read_text()
+    assert "redis.default.svc.cluster.local:6379" in before, "the default namespace is 'default'"
+    again = _generate(k8s, "other")
+    assert again.returncode != 0 and "--force" in again.stderr
+    assert env.read_text() == before
+    forced = _generate(k8s, "--force", "other")
+    assert forced.returncode == 0, forced.stderr
+    after = env.read_text()
+    assert after != before and "redis.other.svc.cluster.local:6379" in after
+
+
+@pytest.mark.parametrize("bad", ["Team-A", "-x", "x-", "a.b", "a_b", "x" * 64, "a;rm"])
+def test_generate_secret_rejects_invalid_namespaces(tmp_path: Path, bad: str) -> None:
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, k8s, ignore=lambda _d, names: [n for n in names if n == SECRET_ENV.name])
+    proc = _generate(k8s, bad)
+    assert proc.returncode == 2, proc.stderr
+    assert not (k8s / SECRET_ENV).exists()
+
+
+def test_generate_secret_script_is_clean_posix_sh() -> None:
+    text = GENERATE_SECRET.read_text(encoding="utf-8")
+    assert text.startswith("#!/bin/sh\n") and "set -eu" in text
+    assert os.access(GENERATE_SECRET, os.X_OK)
+    dash = shutil.which("dash")
+    if dash:
+        assert subprocess.run([dash, "-n", str(GENERATE_SECRET)], timeout=30, check=False).returncode == 0
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed")
+    proc = subprocess.run(
+        [shellcheck, "--shell=sh", str(GENERATE_SECRET)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_everything_uses_the_one_generated_secret(renderings: dict[str, list[Obj]], driver_job: Obj) -> None:
+    """Redis, the workers, the driver Job (applied outside kustomize, so by a fixed name)
+    and KEDA's TriggerAuthentication all read the same Secret."""
+    for where, objs in renderings.items():
+        [secret] = find(objs, "Secret")
+        name = secret["metadata"]["name"]
+        assert name == "doredis", f"{where}: the Secret's name must not carry a hash suffix"
+        users = [one(objs, "Deployment", "redis"), _worker_workload(objs), driver_job]
+        for obj in users:
+            spec = pod_spec(obj)
+            assert spec is not None
+            refs = [
+                e["valueFrom"]["secretKeyRef"]["name"]
+                for c in spec["containers"]
+                for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})
+            ]
+            assert refs and set(refs) == {name}, f"{where}: {obj['kind']} reads {refs}"
+        for auth in find(objs, "TriggerAuthentication"):
+            assert {r["name"] for r in auth["spec"]["secretTargetRef"]} == {name}, where
+
+
+def test_no_namespace_is_hard_coded(renderings: dict[str, list[Obj]], driver_job: Obj) -> None:
+    """Objects take their namespace from `kubectl apply -n`; the one address that must name
+    it (KEDA's, in the Secret) comes from generate-secret.sh's argument."""
+    for where, obj in _all_objects(renderings, driver_job):
+        assert "namespace" not in obj["metadata"], f"{where}: {obj['kind']} pins a namespace"
+        if obj["kind"] != "Secret":
+            text = yaml.safe_dump(obj)
+            assert "svc.cluster.local" not in text and ".default." not in text, f"{where}: {obj['kind']}"
+    for where, objs in renderings.items():
+        address = _secret_data(objs, "doredis")["redis-address"]
+        assert address == f"redis.{TEST_NAMESPACE}.svc.cluster.local:6379", where
 
 
 # ----------------------------------------------------------------- validation
@@ -256,27 +552,126 @@ def test_kubernetes_schema_check_catches_mistakes(base: list[Obj]) -> None:
         kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
 
 
+def _keda_objects(objs: list[Obj]) -> list[Obj]:
+    return [o for o in objs if o["apiVersion"].startswith("keda.sh/")]
+
+
 def test_keda_objects_are_structurally_valid(renderings: dict[str, list[Obj]]) -> None:
-    keda = [o for o in renderings["k8s/overlays/keda"] if o["apiVersion"].startswith("keda.sh/")]
-    assert {o["kind"] for o in keda} == {"ScaledObject", "TriggerAuthentication"}
-    for obj in keda:
-        jsonschema.validate(obj, KEDA_SCHEMAS[obj["kind"]])
-    # Only the overlay uses KEDA's CRDs: the base applies to any cluster.
-    assert not [o for o in renderings["k8s"] if o["apiVersion"].startswith("keda.sh/")]
+    expected = {
+        "k8s/overlays/keda": {"ScaledObject", "TriggerAuthentication"},
+        "k8s/overlays/keda-scaledjob": {"ScaledJob", "TriggerAuthentication"},
+    }
+    for where, kinds in expected.items():
+        keda = _keda_objects(renderings[where])
+        assert {o["kind"] for o in keda} == kinds, where
+        for obj in keda:
+            jsonschema.validate(obj, KEDA_SCHEMAS[obj["kind"]])
+    # Only the KEDA overlays use KEDA's CRDs: the base applies to any cluster.
+    for where, objs in renderings.items():
+        if where not in expected:
+            assert not _keda_objects(objs), where
 
 
-def test_keda_structural_schema_catches_unquoted_numbers(renderings: dict[str, list[Obj]]) -> None:
-    scaled = yaml.safe_load(yaml.safe_dump(one(renderings["k8s/overlays/keda"], "ScaledObject", "worker")))
-    scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 4
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(scaled, KEDA_SCHEMAS["ScaledObject"])
+def test_keda_structural_schema_catches_mistakes(renderings: dict[str, list[Obj]]) -> None:
+    def broken(where: str, kind: str, change: Any) -> None:
+        obj = yaml.safe_load(yaml.safe_dump(one(renderings[where], kind, "worker")))
+        change(obj["spec"])
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(obj, KEDA_SCHEMAS[kind])
+
+    def unquoted(spec: Obj) -> None:
+        spec["triggers"][0]["metadata"]["listLength"] = 4
+
+    def bad_policy(spec: Obj) -> None:
+        spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["policies"][0]["type"] = (
+            "Pod"
+        )
+
+    def bad_strategy(spec: Obj) -> None:
+        spec["scalingStrategy"]["strategy"] = "acurate"
+
+    broken("k8s/overlays/keda", "ScaledObject", unquoted)
+    broken("k8s/overlays/keda", "ScaledObject", bad_policy)
+    broken("k8s/overlays/keda-scaledjob", "ScaledJob", unquoted)
+    broken("k8s/overlays/keda-scaledjob", "ScaledJob", bad_strategy)
+
+
+def test_redis_scaler_parameters_are_ones_keda_reads(
+    renderings: dict[str, list[Obj]], tls_renderings: dict[str, list[Obj]]
+) -> None:
+    tls = _render_with_tls_component(tls_renderings)
+    for where, objs in [*((w, renderings[w]) for w in KEDA_OVERLAYS), ("keda + keda-redis-tls", tls)]:
+        for obj in _keda_objects(objs):
+            if obj["kind"] == "TriggerAuthentication":
+                params = {r["parameter"] for r in obj["spec"]["secretTargetRef"]}
+                assert params <= REDIS_AUTH_PARAMETERS, f"{where}: {params - REDIS_AUTH_PARAMETERS}"
+                continue
+            for trigger in obj["spec"]["triggers"]:
+                assert trigger["type"] == "redis", where
+                unknown = set(trigger["metadata"]) - REDIS_TRIGGER_METADATA
+                assert not unknown, f"{where}: KEDA's redis scaler ignores {unknown}"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_keda_job_templates_validate_as_jobs(renderings: dict[str, list[Obj]], version: str) -> None:
+    """A ScaledJob's jobTargetRef is a batch/v1 JobSpec: KEDA creates Jobs from it."""
+    scaled_job = one(renderings["k8s/overlays/keda-scaledjob"], "ScaledJob", "worker")
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "worker-x"},
+        "spec": scaled_job["spec"]["jobTargetRef"],
+    }
+    kubernetes_validate.validate(job, version, strict=True)
+
+
+def _hpa_of(scaled: Obj, objs: list[Obj]) -> Obj:
+    """The HorizontalPodAutoscaler KEDA makes of a ScaledObject (one External metric per
+    trigger, AverageValue = the trigger's listLength)."""
+    spec = scaled["spec"]
+    ref = spec["scaleTargetRef"]
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": f"keda-hpa-{scaled['metadata']['name']}"},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": ref.get("apiVersion", "apps/v1"),
+                "kind": ref.get("kind", "Deployment"),
+                "name": ref["name"],
+            },
+            "minReplicas": max(1, spec.get("minReplicaCount", 0)),
+            "maxReplicas": spec["maxReplicaCount"],
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {
+                        "metric": {"name": f"s{i}-redis-{t.get('name', i)}"},
+                        "target": {"type": "AverageValue", "averageValue": t["metadata"]["listLength"]},
+                    },
+                }
+                for i, t in enumerate(spec["triggers"])
+            ],
+            "behavior": copy.deepcopy(spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]),
+        },
+    }
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_keda_hpa_validates(renderings: dict[str, list[Obj]], version: str) -> None:
+    objs = renderings["k8s/overlays/keda"]
+    hpa = _hpa_of(one(objs, "ScaledObject", "worker"), objs)
+    kubernetes_validate.validate(hpa, version, strict=True)
+    hpa["spec"]["behavior"]["scaleDown"]["policies"][0]["periodSecond"] = 60
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(hpa, version, strict=True)
 
 
 # ------------------------------------------------------------------- workers
 def test_worker_is_stateless(renderings: dict[str, list[Obj]]) -> None:
     for where, objs in renderings.items():
         assert not find(objs, "StatefulSet", "worker"), where
-        worker = _worker(objs)
+        worker = _worker_workload(objs)
         spec = pod_spec(worker)
         assert spec is not None
         assert "volumeClaimTemplates" not in worker["spec"]
@@ -292,23 +687,87 @@ def test_worker_replicas_are_set_once_in_the_kustomization(renderings: dict[str,
     raw_worker = [d for d in yaml.safe_load_all((K8S / "base" / "worker.yaml").read_text()) if d][0]
     assert "replicas" not in raw_worker["spec"], "replicas belong in kustomization.yaml only"
     assert _worker(renderings["k8s"])["spec"]["replicas"] == counts["worker"] >= 1
-    # With KEDA the HPA owns the count: the overlay must not pin it.
+    # With KEDA the HPA owns the count: the overlay must not pin it; with the
+    # ScaledJob there is no Deployment to scale at all.
     assert "replicas" not in _worker(renderings["k8s/overlays/keda"])["spec"]
+    assert not find(renderings["k8s/overlays/keda-scaledjob"], "Deployment", "worker")
 
 
-def test_worker_runs_doredis_worker_with_probes_and_resources(base: list[Obj]) -> None:
-    worker = _worker(base)
-    container = _container(worker, "worker")
-    assert container["args"] == ["worker"] and "command" not in container
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["exec"]["command"] == ["doredis", "ping"], probe
-        assert container[probe]["timeoutSeconds"] >= 5
-    requests = container["resources"]["requests"]
-    assert requests["cpu"] in ("1", 1, "1000m"), "one worker per CPU"
-    assert "memory" in requests and "memory" in container["resources"]["limits"]
-    # Long enough to finish the chunk in hand after SIGTERM.
-    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 300
-    assert container["imagePullPolicy"] == "IfNotPresent"
+def test_worker_runs_doredis_worker_with_probes_and_resources(renderings: dict[str, list[Obj]]) -> None:
+    for where, objs in renderings.items():
+        worker = _worker_workload(objs)
+        container = _container(worker, "worker")
+        burst = worker["kind"] == "ScaledJob"
+        assert container["args"] == (["worker", "--burst"] if burst else ["worker"]), where
+        assert "command" not in container
+        # Liveness: the process is alive and not wedged (its heartbeat file is fresh),
+        # never "Redis answers"; readiness: connected to Redis.
+        for probe in ("startupProbe", "livenessProbe"):
+            assert container[probe]["exec"]["command"] == ["doredis", "alive"], f"{where}: {probe}"
+        assert container["readinessProbe"]["exec"]["command"] == ["doredis", "ping"], where
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["timeoutSeconds"] >= 5, f"{where}: {probe}"
+        startup = container["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "time for EXTRA_PIP_PACKAGES"
+        requests = container["resources"]["requests"]
+        assert requests["cpu"] in ("1", 1, "1000m"), "one worker per CPU"
+        assert "memory" in requests and "memory" in container["resources"]["limits"]
+        assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_workers_drain_within_their_grace_period(renderings: dict[str, list[Obj]]) -> None:
+    """On SIGTERM a worker finishes or hands back its chunk within DOREDIS_DRAIN_TIMEOUT,
+    which must end before Kubernetes' SIGKILL (terminationGracePeriodSeconds), with room
+    for the hand-back itself: every worker spec, base and overlays, Deployment and ScaledJob."""
+    checked = set()
+    for where, objs in renderings.items():
+        worker = _worker_workload(objs)
+        spec = pod_spec(worker)
+        assert spec is not None
+        grace = spec["terminationGracePeriodSeconds"]
+        drain = float(env_setting(_container(worker, "worker"), objs, "DOREDIS_DRAIN_TIMEOUT"))
+        assert 0 < drain < grace, f"{where}: drain {drain} s, grace {grace} s"
+        assert grace - drain >= 10, f"{where}: leave the hand-back time before the SIGKILL"
+        checked.add(worker["kind"])
+    assert checked == {"Deployment", "ScaledJob"}
+
+
+def test_scaledjob_runs_the_base_worker_pod(renderings: dict[str, list[Obj]]) -> None:
+    """The ScaledJob's pod template is the worker Deployment's (the overlay copies it) but for
+    `--burst` and restartPolicy Never."""
+    deployment = pod_template(_worker(renderings["k8s"]))
+    scaled_job = one(renderings["k8s/overlays/keda-scaledjob"], "ScaledJob", "worker")
+    template = pod_template(scaled_job)
+    assert deployment is not None and template is not None
+    expected = copy.deepcopy(deployment)
+    expected["spec"]["restartPolicy"] = "Never"
+    expected["spec"]["containers"][0]["args"] = ["worker", "--burst"]
+    assert template == expected
+    job_spec = scaled_job["spec"]["jobTargetRef"]
+    assert job_spec.get("parallelism", 1) == 1 and job_spec.get("completions", 1) == 1
+
+
+def test_commands_the_probes_run_exist(renderings: dict[str, list[Obj]], driver_job: Obj) -> None:
+    """Every doredis command a probe runs, and every worker command line, is one the CLI
+    knows, with those arguments (`doredis alive`, `doredis ping`, `doredis worker --burst`)."""
+    from doredis.cli import main
+
+    commands: set[tuple[str, ...]] = set()
+    for _where, obj in _all_objects(renderings, driver_job):
+        spec = pod_spec(obj)
+        for container in spec["containers"] if spec else []:
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                if "exec" in container.get(probe, {}):
+                    commands.add(tuple(container[probe]["exec"]["command"]))
+            if container.get("args", [""])[0] == "worker":
+                commands.add(("doredis", *container["args"]))
+    assert ("doredis", "alive") in commands and ("doredis", "ping") in commands
+    assert ("doredis", "worker", "--burst") in commands
+    for command in sorted(c for c in commands if c[0] == "doredis"):
+        ctx = main.make_context("doredis", list(command[1:]))
+        sub = main.get_command(ctx, command[1])
+        assert sub is not None, f"`{' '.join(command)}`: doredis has no command {command[1]!r}"
+        sub.make_context(command[1], list(command[2:]), parent=ctx)
 
 
 def test_worker_env_comes_from_configmap_and_secret(base: list[Obj]) -> None:
@@ -398,9 +857,11 @@ def test_pods_run_restricted(renderings: dict[str, list[Obj]], driver_job: Obj) 
 
 def test_only_the_driver_gets_an_api_token(renderings: dict[str, list[Obj]], driver_job: Obj) -> None:
     for where, objs in renderings.items():
-        for name in ("worker", "redis"):
-            spec = pod_spec(one(objs, "Deployment", name))
-            assert spec is not None and spec["automountServiceAccountToken"] is False, f"{where}: {name}"
+        for obj in (_worker_workload(objs), one(objs, "Deployment", "redis")):
+            spec = pod_spec(obj)
+            assert spec is not None and spec["automountServiceAccountToken"] is False, (
+                f"{where}: {obj['kind']}"
+            )
     assert driver_job["spec"]["template"]["spec"]["serviceAccountName"] == "doredis-driver"
 
 
@@ -416,7 +877,9 @@ def test_driver_rbac_is_minimal(renderings: dict[str, list[Obj]], driver_job: Ob
             assert "*" not in groups + resources and "*" not in verbs, rule
             if resources == ["deployments/scale"]:
                 assert groups == ["apps"] and verbs == {"get", "patch"}, rule
-                assert rule["resourceNames"] == [_worker(objs)["metadata"]["name"]] == ["worker"], rule
+                assert rule["resourceNames"] == [_worker_workload(objs)["metadata"]["name"]] == ["worker"], (
+                    rule
+                )
                 seen.add("scale")
             elif resources == ["pods"]:
                 assert groups == [""] and "list" in verbs and verbs <= {"get", "list", "watch"}, rule
@@ -440,7 +903,7 @@ def test_redis_service_matches_the_url_workers_use(renderings: dict[str, list[Ob
     for where, objs in renderings.items():
         redis = one(objs, "Deployment", "redis")
         redis_container = _container(redis, "redis")
-        users = [("worker", _worker(objs)), ("driver", driver_job)]
+        users = [("worker", _worker_workload(objs)), ("driver", driver_job)]
         for role, obj in users:
             container = _container(obj, role)
             url = urlsplit(_expand(env_value(container, "DOREDIS_REDIS_URL")["value"], container, objs))
@@ -460,13 +923,77 @@ def test_redis_service_matches_the_url_workers_use(renderings: dict[str, list[Ob
             assert url.password == required, f"{where}: {role} and Redis disagree on the password"
 
 
+_K8S_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+_REDIS_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
+
+
+def _k8s_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (1Gi, 512Mi, 2G) in bytes."""
+    m = re.fullmatch(r"(\d+)([A-Za-z]*)", str(quantity))
+    assert m and m.group(2) in _K8S_UNITS, quantity
+    return int(m.group(1)) * _K8S_UNITS[m.group(2)]
+
+
+def _redis_bytes(size: str) -> int:
+    """A redis.conf memory size (768mb, 1gb, 100m) in bytes; units are case-insensitive."""
+    m = re.fullmatch(r"(\d+)([A-Za-z]*)", str(size))
+    assert m and m.group(2).lower() in _REDIS_UNITS, size
+    return int(m.group(1)) * _REDIS_UNITS[m.group(2).lower()]
+
+
+def _redis_options(container: Obj) -> dict[str, str]:
+    args = container["args"]
+    assert all(a.startswith("--") for a in args[::2]) and len(args) % 2 == 0, args
+    return {args[i][2:]: args[i + 1] for i in range(0, len(args), 2)}
+
+
+def test_redis_keeps_an_aof_and_fails_cleanly_when_full(renderings: dict[str, list[Obj]]) -> None:
+    """AOF with fsync every second, in every rendering; maxmemory below the container's
+    memory limit (room for the AOF rewrite's fork and buffers) and noeviction, so a full
+    Redis refuses writes with an error instead of being OOM-killed or dropping keys."""
+    for where, objs in renderings.items():
+        container = _container(one(objs, "Deployment", "redis"), "redis")
+        options = _redis_options(container)
+        assert options["appendonly"] == "yes" and options["appendfsync"] == "everysec", where
+        assert options["maxmemory-policy"] == "noeviction", where
+        limit = _k8s_bytes(container["resources"]["limits"]["memory"])
+        maxmemory = _redis_bytes(options["maxmemory"])
+        assert 0 < maxmemory <= 0.8 * limit, f"{where}: maxmemory {maxmemory} vs limit {limit}"
+        assert options["dir"] == "/data"
+        assert [m for m in container["volumeMounts"] if m["mountPath"] == "/data"], where
+
+
+def test_memory_sizes_parse() -> None:
+    assert _k8s_bytes("1Gi") == 2**30 and _k8s_bytes("512Mi") == 2**29 and _k8s_bytes("2G") == 2 * 10**9
+    assert (
+        _redis_bytes("768mb") == 768 * 2**20
+        and _redis_bytes("1GB") == 2**30
+        and _redis_bytes("100m") == 10**8
+    )
+
+
+def test_redis_has_a_disruption_budget(renderings: dict[str, list[Obj]]) -> None:
+    for where, objs in renderings.items():
+        redis_pod = one(objs, "Deployment", "redis")["spec"]["template"]["metadata"]["labels"]
+        budgets = [
+            p for p in find(objs, "PodDisruptionBudget") if selector_matches(p["spec"]["selector"], redis_pod)
+        ]
+        assert len(budgets) == 1, where
+        spec = budgets[0]["spec"]
+        # One Redis pod: no voluntary eviction of a healthy one.
+        assert spec.get("minAvailable") == 1 or spec.get("maxUnavailable") == 0, where
+        worker_pod = pod_template(_worker_workload(objs))
+        assert worker_pod is not None
+        assert not selector_matches(spec["selector"], worker_pod["metadata"]["labels"]), where
+
+
 def test_redis_persistence_overlay(renderings: dict[str, list[Obj]]) -> None:
-    base_redis = _container(one(renderings["k8s"], "Deployment", "redis"), "redis")
-    assert base_redis["args"][base_redis["args"].index("--appendonly") + 1] == "no"
+    base_redis = one(renderings["k8s"], "Deployment", "redis")
+    assert "emptyDir" in {v["name"]: v for v in base_redis["spec"]["template"]["spec"]["volumes"]}["data"]
     objs = renderings["k8s/overlays/redis-persistent"]
     redis = one(objs, "Deployment", "redis")
     container = _container(redis, "redis")
-    assert container["args"][container["args"].index("--appendonly") + 1] == "yes"
+    assert _redis_options(container)["appendonly"] == "yes"
     volumes = {v["name"]: v for v in redis["spec"]["template"]["spec"]["volumes"]}
     data_mount = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"][0]
     claim = volumes[data_mount["name"]]["persistentVolumeClaim"]["claimName"]
@@ -498,6 +1025,9 @@ def test_selectors_do_not_overlap(renderings: dict[str, list[Obj]], driver_job: 
         deployments = find(objs, "Deployment")
         pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in deployments}
         pods["driver-job"] = driver_pod
+        worker_template = pod_template(_worker_workload(objs))
+        assert worker_template is not None
+        pods["worker"] = worker_template["metadata"]["labels"]
         for dep in deployments:
             selected = {n for n, labels in pods.items() if selector_matches(dep["spec"]["selector"], labels)}
             assert selected == {dep["metadata"]["name"]}, (
@@ -514,7 +1044,9 @@ def test_only_workers_and_drivers_reach_redis(renderings: dict[str, list[Obj]], 
     }
     for where, objs in renderings.items():
         redis_pod = one(objs, "Deployment", "redis")["spec"]["template"]["metadata"]["labels"]
-        worker_pod = _worker(objs)["spec"]["template"]["metadata"]["labels"]
+        worker_template = pod_template(_worker_workload(objs))
+        assert worker_template is not None
+        worker_pod = worker_template["metadata"]["labels"]
         driver_pod = driver_job["spec"]["template"]["metadata"]["labels"]
         policies = [
             p for p in find(objs, "NetworkPolicy") if selector_matches(p["spec"]["podSelector"], redis_pod)
@@ -526,7 +1058,7 @@ def test_only_workers_and_drivers_reach_redis(renderings: dict[str, list[Obj]], 
             for rule in policy["spec"]["ingress"]:
                 assert [p["port"] for p in rule["ports"]] == [6379], where
                 for peer in rule["from"]:
-                    if peer == keda_peer and where.endswith("overlays/keda"):
+                    if peer == keda_peer and where in KEDA_OVERLAYS:
                         allowed_roles.add("keda")
                         continue
                     assert set(peer) == {"podSelector"}, f"{where}: peer {peer} reaches beyond pods"
@@ -541,12 +1073,34 @@ def test_only_workers_and_drivers_reach_redis(renderings: dict[str, list[Obj]], 
                     }
                     assert hits and hits <= {"worker", "driver"}, f"{where}: peer {peer} selects {hits}"
                     allowed_roles |= hits
-        expected = {"worker", "driver", "keda"} if where.endswith("overlays/keda") else {"worker", "driver"}
+        expected = {"worker", "driver", "keda"} if where in KEDA_OVERLAYS else {"worker", "driver"}
         assert allowed_roles == expected, where
 
 
 # ---------------------------------------------------------------------- KEDA
-def test_keda_scales_the_worker_on_the_rq_queue_list(renderings: dict[str, list[Obj]]) -> None:
+def _triggers(scaler: Obj) -> dict[str, Obj]:
+    return {t["name"]: t for t in scaler["spec"]["triggers"]}
+
+
+def _started_registry_key(queue: str) -> str:
+    """rq's started-job registry key of ``queue`` (rq 3: rq:wip:<queue>), from rq itself."""
+    import redis
+    from rq.registry import StartedJobRegistry
+
+    return StartedJobRegistry(name=queue, connection=redis.Redis()).key  # no connection is made
+
+
+def _desired(triggers: list[Obj], metrics: dict[str, int]) -> int:
+    """The HPA's replica count for External AverageValue metrics: the largest
+    ceil(metric / listLength) over the triggers."""
+    return max(
+        math.ceil(metrics[t["metadata"]["listName"]] / int(t["metadata"]["listLength"])) for t in triggers
+    )
+
+
+def test_keda_counts_queued_and_running_chunks(renderings: dict[str, list[Obj]]) -> None:
+    """The ScaledObject reads rq's queue list AND rq's started registry (a sorted set, which
+    KEDA's redis scaler counts with ZCARD), and never wants fewer workers than chunks running."""
     from doredis.protocol import queue_list_key
 
     objs = renderings["k8s/overlays/keda"]
@@ -558,32 +1112,141 @@ def test_keda_scales_the_worker_on_the_rq_queue_list(renderings: dict[str, list[
         worker["kind"],
         worker["metadata"]["name"],
     )
-    assert 0 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    spec = scaled["spec"]
+    assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
 
-    [trigger] = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis"
     queue = _configmap_data(objs, "doredis")["DOREDIS_QUEUE"]
+    triggers = _triggers(scaled)
+    assert set(triggers) == {"queued", "running"}
+    assert _started_registry_key(queue) == f"rq:wip:{queue}"
+    assert triggers["queued"]["metadata"]["listName"] == queue_list_key(queue)
+    assert triggers["running"]["metadata"]["listName"] == _started_registry_key(queue)
+    assert int(triggers["queued"]["metadata"]["listLength"]) >= 1
+    assert triggers["running"]["metadata"]["listLength"] == "1", "one worker per running chunk"
+    for trigger in triggers.values():
+        assert trigger["type"] == "redis"
+        # Active (KEDA keeps or brings >= 1 replica) as soon as one chunk is queued or running.
+        assert trigger["metadata"].get("activationListLength", "0") == "0"
+        assert trigger["metadata"].get("metricType", "AverageValue") == "AverageValue"
+
+    rules = list(triggers.values())
+    queued, running = (t["metadata"]["listName"] for t in rules)
+    top = spec["maxReplicaCount"]
+    for busy in range(1, top + 1):
+        # The last chunks of a run: nothing queued, `busy` running.
+        assert _desired(rules, {queued: 0, running: busy}) >= busy
+    # What the queue list alone (the earlier setup) asked for at the tail of a run: nothing.
+    assert _desired([triggers["queued"]], {queued: 0, running: 1}) == 0
+
+
+def test_keda_scales_down_slowly_and_up_at_once(renderings: dict[str, list[Obj]]) -> None:
+    objs = renderings["k8s/overlays/keda"]
+    spec = one(objs, "ScaledObject", "worker")["spec"]
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    down, up = behavior["scaleDown"], behavior["scaleUp"]
+    grace = pod_spec(_worker(objs))["terminationGracePeriodSeconds"]  # type: ignore[index]
+    # Removing pods: only after the lower count held for a grace period's worth of time...
+    assert down.get("selectPolicy", "Max") != "Disabled"
+    assert down["stabilizationWindowSeconds"] >= grace
+    # ...and then a pod at a time, at most one a minute.
+    assert down["policies"], "no policy: the HPA may remove every surplus pod at once"
+    for policy in down["policies"]:
+        assert policy["type"] == "Pods" and policy["value"] == 1 and policy["periodSeconds"] >= 60, policy
+    # Adding pods: no waiting.
+    assert up.get("stabilizationWindowSeconds", 0) == 0 and up.get("selectPolicy", "Max") == "Max"
+    assert spec["cooldownPeriod"] >= spec["pollingInterval"]
+
+
+def test_keda_scaledjob_starts_burst_workers_for_queued_chunks(renderings: dict[str, list[Obj]]) -> None:
+    from doredis.protocol import queue_list_key
+
+    objs = renderings["k8s/overlays/keda-scaledjob"]
+    scaled_job = one(objs, "ScaledJob", "worker")
+    spec = scaled_job["spec"]
+    queue = _configmap_data(objs, "doredis")["DOREDIS_QUEUE"]
+    # Queued chunks only: a running chunk has its Job already.
+    assert list(_triggers(scaled_job)) == ["queued"]
+    trigger = _triggers(scaled_job)["queued"]
     assert trigger["metadata"]["listName"] == queue_list_key(queue)
     assert int(trigger["metadata"]["listLength"]) >= 1
+    # "accurate": KEDA's strategy for a queue length that leaves out the messages in
+    # progress (rq's list does): new Jobs = wanted - Jobs still pending.
+    assert spec["scalingStrategy"]["strategy"] == "accurate"
+    # Updating the ScaledJob must not delete running Jobs (and cut their chunks).
+    assert spec["rollout"]["strategy"] == "gradual"
+    assert 0 == spec["minReplicaCount"] < spec["maxReplicaCount"]
+    assert pod_spec(scaled_job)["restartPolicy"] == "Never"  # type: ignore[index]
 
-    auth = one(objs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+
+@pytest.mark.parametrize("where", KEDA_OVERLAYS)
+def test_keda_authenticates_with_the_doredis_secret(renderings: dict[str, list[Obj]], where: str) -> None:
+    objs = renderings[where]
+    [scaler] = [o for o in _keda_objects(objs) if o["kind"] != "TriggerAuthentication"]
+    names = {t["authenticationRef"]["name"] for t in scaler["spec"]["triggers"]}
+    assert len(names) == 1
+    auth = one(objs, "TriggerAuthentication", names.pop())
     refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
     assert set(refs) == {"address", "password"}
     redis_container = _container(one(objs, "Deployment", "redis"), "redis")
     assert {"name": refs["password"]["name"], "key": refs["password"]["key"]} == (
         env_value(redis_container, "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
     )
+    # KEDA's operator runs in its own namespace: the address names the Service's.
     address = _secret_data(objs, refs["address"]["name"])[refs["address"]["key"]]
     host, _, port = address.rpartition(":")
     service = one(objs, "Service", "redis")
-    assert host.split(".")[0] == service["metadata"]["name"]
+    assert host == f"{service['metadata']['name']}.{TEST_NAMESPACE}.svc.cluster.local"
     assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+
+
+@pytest.fixture(scope="module")
+def tls_renderings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Obj]]:
+    """The KEDA overlays with the documented TLS option switched on (the commented
+    keda-redis-tls component line uncommented), in a copy of k8s/."""
+    k8s = k8s_copy_with_secret(tmp_path_factory.mktemp("tls") / "k8s", TEST_NAMESPACE)
+    out = {}
+    for where in KEDA_OVERLAYS:
+        kfile = k8s.parent / where / "kustomization.yaml"
+        text = kfile.read_text(encoding="utf-8")
+        commented = "  # - ../../components/keda-redis-tls\n"
+        assert commented in text, f"{where}: the TLS option is not offered"
+        kfile.write_text(text.replace(commented, "  - ../../components/keda-redis-tls\n"), encoding="utf-8")
+        out[where] = render(k8s.parent / where)
+    return out
+
+
+def _render_with_tls_component(tls: dict[str, list[Obj]]) -> list[Obj]:
+    return [o for objs in tls.values() for o in _keda_objects(objs)]
+
+
+@pytest.mark.parametrize("where", KEDA_OVERLAYS)
+def test_keda_tls_option(
+    renderings: dict[str, list[Obj]], tls_renderings: dict[str, list[Obj]], where: str
+) -> None:
+    """With the keda-redis-tls component KEDA connects with TLS, verifying Redis against the
+    CA bundle in the Secret doredis-redis-tls; nothing else changes."""
+    plain, tls = renderings[where], tls_renderings[where]
+    auth = one(tls, "TriggerAuthentication", "doredis-redis")
+    jsonschema.validate(auth, KEDA_SCHEMAS["TriggerAuthentication"])
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    assert set(refs) == {"address", "password", "tls", "ca"}
+    assert (refs["tls"]["name"], refs["tls"]["key"]) == ("doredis-redis-tls", "tls")
+    assert (refs["ca"]["name"], refs["ca"]["key"]) == ("doredis-redis-tls", "ca.crt")
+    assert set(refs) <= REDIS_AUTH_PARAMETERS
+
+    def others(objs: list[Obj]) -> list[Obj]:
+        return [o for o in objs if o["kind"] not in ("TriggerAuthentication", "Secret")]
+
+    assert others(tls) == others(plain)
 
 
 def test_overlays_only_build_on_the_base() -> None:
     for kfile in OVERLAYS.glob("*/kustomization.yaml"):
         kust = yaml.safe_load(kfile.read_text(encoding="utf-8"))
         assert "../../base" in kust["resources"], kfile
+    for where in KEDA_OVERLAYS:
+        kust = yaml.safe_load((REPO / where / "kustomization.yaml").read_text(encoding="utf-8"))
+        assert "../../components/keda" in kust["components"], where
 
 
 # -------------------------------------------------------------------- driver

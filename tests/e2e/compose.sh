@@ -237,14 +237,18 @@ export REDIS_HOST_PORT
 REDIS_HOST_PORT=$("${HELPER[@]}" free-port)
 export DOREDIS_SCRIPTS_DIR=$WORK/scripts
 export DOREDIS_DRIVER_SCRIPT=driver_e2e.py
-export EXTRA_PIP_PACKAGES='' DOREDIS_PRELOAD='' DOREDIS_LOG_LEVEL=${E2E_LOG_LEVEL:-INFO} REDIS_APPENDONLY=no
-unset DOREDIS_IMAGE REDIS_IMAGE PYTHON_VERSION 2>/dev/null || true
+export EXTRA_PIP_PACKAGES='' DOREDIS_PRELOAD='' DOREDIS_LOG_LEVEL=${E2E_LOG_LEVEL:-INFO} REDIS_APPENDONLY=yes
+# The compose file's defaults (maxmemory, the workers' drain timeout), not the caller's.
+unset DOREDIS_IMAGE REDIS_IMAGE PYTHON_VERSION REDIS_MAXMEMORY DOREDIS_DRAIN_TIMEOUT 2>/dev/null || true
 
 "${PC[@]}" config >"$WORK/compose-config.yml" 2>"$WORK/compose-config.err" \
     || { cat "$WORK/compose-config.err"; die "podman-compose config"; }
 info=$("${HELPER[@]}" compose-info "$DOCKERFILE" <"$WORK/compose-config.yml") || die "reading the compose file"
 eval "$info"
-log "images: redis=$REDIS_IMAGE_REF python base=$PYTHON_BASE_REF; worker stop grace ${WORKER_GRACE}s"
+log "images: redis=$REDIS_IMAGE_REF python base=$PYTHON_BASE_REF; worker stop grace ${WORKER_GRACE}s, drain ${WORKER_DRAIN}s"
+# A stopped worker must hand back its chunk before podman's SIGKILL.
+awk -v d="$WORKER_DRAIN" -v g="$WORKER_GRACE" 'BEGIN { exit !(d > 0 && d < g) }' \
+    || die "DOREDIS_DRAIN_TIMEOUT (${WORKER_DRAIN}s) must be below stop_grace_period (${WORKER_GRACE}s)"
 
 MIRROR=$("${HELPER[@]}" apt-mirror)
 mkdir -p "$WORK/base/extra-ca"
@@ -344,8 +348,8 @@ bgwait "${PC_RUN[@]}" up -d --no-build --no-recreate --scale worker=3 worker >"$
     || { cat "$WORK/up-workers.log"; die "podman-compose up --scale worker=3"; }
 wait_for "3 running workers" 60 have_workers 3
 first_worker=$(workers | head -1)
-# The image's HEALTHCHECK (`doredis ping`).
-wait_for "worker healthcheck (image's HEALTHCHECK: doredis ping)" 60 podman healthcheck run "$first_worker"
+# The compose file's worker healthcheck (liveness: `doredis alive`, like the image's HEALTHCHECK).
+wait_for "worker healthcheck (compose file's: doredis alive)" 60 podman healthcheck run "$first_worker"
 log "workers: $(workers | xargs)"
 
 log "run --rm driver ($E2E_TASKS tasks of ${E2E_TASK_SECONDS}s)"

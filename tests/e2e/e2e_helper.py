@@ -4,7 +4,8 @@ apt-mirror                         the Debian mirror apt uses on this host
 extra-ca BUNDLE OUTDIR             write the CA certs of BUNDLE that Debian's ca-certificates
                                    lacks (e.g. a TLS-inspecting proxy's) to OUTDIR/*.crt
 compose-info DOCKERFILE            read `podman-compose config` (YAML) on stdin; print shell
-                                   assignments: REDIS_IMAGE_REF, PYTHON_BASE_REF, WORKER_GRACE
+                                   assignments: REDIS_IMAGE_REF, PYTHON_BASE_REF, WORKER_GRACE,
+                                   WORKER_DRAIN
 free-port                          a free TCP port on 127.0.0.1
 check SUMMARY_LINE_FILE ...        assert on the driver's E2E_SUMMARY (see compose.sh)
 """
@@ -135,6 +136,7 @@ def compose_info(dockerfile: str) -> None:
         "REDIS_IMAGE_REF": qualify(redis_image),
         "PYTHON_BASE_REF": qualify(base_ref),
         "WORKER_GRACE": str(seconds(worker.get("stop_grace_period"))),
+        "WORKER_DRAIN": str((worker.get("environment") or {}).get("DOREDIS_DRAIN_TIMEOUT", "")),
     }
     for key, value in out.items():
         print(f"{key}={shlex.quote(value)}")
