@@ -4,6 +4,7 @@ because that is how container images and pod specs configure a process."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -12,7 +13,9 @@ import click
 from . import connection
 from .protocol import DEFAULT_QUEUE
 
-REDIS_HELP = "Redis URL (redis://, rediss://, unix://); default DOREDIS_REDIS_URL, then REDIS_URL."
+REDIS_HELP = (
+    "Redis URL (redis://, rediss://, unix://, redis+sentinel://); default DOREDIS_REDIS_URL, then REDIS_URL."
+)
 
 
 def _client(url: str | None):
@@ -27,8 +30,18 @@ def _client(url: str | None):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DOREDIS"})
 @click.version_option(package_name="doredis")
-def main() -> None:
+@click.option(
+    "--redis-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar=connection.CA_ENV,
+    help="CA bundle (PEM) that signed the server's TLS certificate, for rediss:// URLs "
+    f"[env {connection.CA_ENV}].",
+)
+def main(redis_ca: str | None) -> None:
     """foreach-style parallel Python on a Redis queue."""
+    if redis_ca:  # connection.client_for reads it, here and in anything this command starts
+        os.environ[connection.CA_ENV] = os.path.abspath(redis_ca)
+
 
 
 @main.command()

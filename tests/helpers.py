@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from doredis.connection import client_for
 from doredis.embedded import wait_for
 from doredis.status import connected_workers
 
@@ -42,7 +43,7 @@ class WorkerPool:
         self.queue = queue
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen] = []
-        self.conn = redis.Redis.from_url(redis_url)
+        self.conn = client_for(redis_url)  # any URL doredis takes: sentinel, TLS, ...
 
     def start(
         self, n: int = 1, *extra: str, env: dict[str, str] | None = None, wait: bool = True

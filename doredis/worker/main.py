@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from .. import connection
+from .. import connection, serverinfo
 from ..protocol import DEFAULT_QUEUE
 from . import preload, state
 from .rqworker import DoredisWorker, ForkingDoredisWorker
@@ -51,6 +51,8 @@ def run_worker(
             "doredis worker needs a Redis server: pass --redis URL or set DOREDIS_REDIS_URL"
         )
     conn = connection.connect(url)
+    if unsigned := serverinfo.unsigned_payloads_warning(conn):
+        log.warning(unsigned)
     if preload_target:
         preload.run_preload(preload_target)
     worker_class = ForkingDoredisWorker if fork else DoredisWorker

@@ -17,7 +17,7 @@ import time
 from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, Worker
 
-from .. import protocol, recovery
+from .. import protocol, recovery, serverinfo
 from ..serialization import RQSerializer
 from . import state
 
@@ -125,9 +125,11 @@ class _DoredisMixin:
         super().teardown()
 
     def _learn_value_limit(self) -> None:
-        try:
-            value = self.connection.config_get("proto-max-bulk-len").get("proto-max-bulk-len")
-        except Exception:  # managed Redis often disables CONFIG: keep the default
+        try:  # a refused CONFIG (an ACL, managed Redis) is logged once and keeps the default
+            value = serverinfo.config_get(
+                self.connection, "proto-max-bulk-len", assume="assuming Redis's default limit of 512 MB"
+            )
+        except Exception:  # an outage at start: keep the default
             return
         if value:
             state.set_max_value_bytes(int(value))
