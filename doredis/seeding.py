@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 try:  # numpy is optional
@@ -30,3 +32,17 @@ def seed_task(seed: int, index: int) -> Any:
     sequence = _np.random.SeedSequence(entropy=seed, spawn_key=(index,))
     _np.random.seed(sequence.generate_state(1, dtype=_np.uint32)[0])
     return _np.random.Generator(_np.random.PCG64(sequence))
+
+
+@contextmanager
+def global_state_kept() -> Iterator[None]:
+    """Put the global ``random`` and ``numpy.random`` states back as they were on entry (a seeded
+    run in the caller's own process reseeds them for every task)."""
+    python_state = random.getstate()
+    numpy_state = _np.random.get_state() if _np is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        if numpy_state is not None:
+            _np.random.set_state(numpy_state)
