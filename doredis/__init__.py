@@ -10,13 +10,14 @@ from .driver.api import attach, imap, parallel_foreach, submit
 from .driver.executor import Executor
 from .driver.run import Run
 from .embedded import local_cluster
-from .errors import RunCancelled, TaskError, TaskTimeout, WorkerLost
+from .errors import RedisOutage, RunCancelled, TaskError, TaskTimeout, WorkerLost
 from .serialization import SignatureError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Executor",
+    "RedisOutage",
     "Run",
     "RunCancelled",
     "SignatureError",

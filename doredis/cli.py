@@ -43,7 +43,6 @@ def main(redis_ca: str | None) -> None:
         os.environ[connection.CA_ENV] = os.path.abspath(redis_ca)
 
 
-
 @main.command()
 @click.option("--redis", "redis_url", envvar=["DOREDIS_REDIS_URL", "REDIS_URL"], help=REDIS_HELP)
 @click.option(
@@ -68,10 +67,25 @@ def main(redis_ca: str | None) -> None:
 )
 @click.option("--burst", is_flag=True, envvar="DOREDIS_BURST", help="Exit when the queue is empty.")
 @click.option("--fork", is_flag=True, envvar="DOREDIS_FORK", help="Run each chunk in a forked process.")
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    envvar="DOREDIS_DRAIN_TIMEOUT",
+    help="After SIGTERM, seconds to finish the chunk in hand before handing the rest back to the "
+    "queue [default: 25]. Keep it below the pod's terminationGracePeriodSeconds.",
+)
 @click.option("--log-level", envvar="DOREDIS_LOG_LEVEL", default="INFO", show_default=True)
-def worker(redis_url, queue, preload, max_chunks, idle_timeout, burst, fork, log_level) -> None:
-    """Pull chunks of tasks from the queue and run them. SIGTERM: finish the chunk in hand, then exit 0."""
+def worker(
+    redis_url, queue, preload, max_chunks, idle_timeout, burst, fork, drain_timeout, log_level
+) -> None:
+    """Pull chunks of tasks from the queue and run them. SIGTERM: take no new chunk, finish the one in
+    hand within the drain timeout (else hand its unfinished tasks back to the queue), then exit 0."""
+    import os
+
     from .worker.main import run_worker
+
+    if drain_timeout is not None:
+        os.environ["DOREDIS_DRAIN_TIMEOUT"] = str(drain_timeout)
 
     try:
         code = run_worker(redis_url, queue, preload, max_chunks, idle_timeout, burst, fork, log_level)
@@ -92,6 +106,39 @@ def ping(redis_url) -> None:
     """Exit 0 when Redis is reachable (a health check for containers and probes)."""
     conn = _client(redis_url)
     click.echo(f"PONG from {connection.describe(conn)}")
+
+
+@main.command()
+@click.option("--file", "path", envvar="DOREDIS_LIVENESS_FILE", help="The worker's liveness file.")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0),
+    default=120,
+    show_default=True,
+    envvar="DOREDIS_LIVENESS_MAX_AGE",
+    help="Seconds since the worker's heartbeat thread last touched the file.",
+)
+def alive(path, max_age) -> None:
+    """Exit 0 when this container's worker process is alive and not wedged (a liveness probe).
+
+    Reads the age of the file the worker's heartbeat thread touches every second; it does not
+    talk to Redis, so a Redis outage never restarts workers (readiness: `doredis ping`).
+    """
+    import os
+
+    from .worker.state import liveness_file
+
+    path = path or liveness_file()
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        raise click.ClickException(f"no liveness file {path}: the worker has not started (yet)") from None
+    if age > max_age:
+        raise click.ClickException(
+            f"the worker's heartbeat last touched {path} {age:.0f} s ago (more than {max_age:g} s): it is "
+            "wedged or gone"
+        )
+    click.echo(f"alive: heartbeat {age:.1f} s ago")
 
 
 @main.command()

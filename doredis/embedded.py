@@ -11,6 +11,7 @@ import atexit
 import ctypes
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -19,7 +20,9 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -47,11 +50,52 @@ def find_redis_server() -> str:
 
 
 def _die_with_parent() -> None:
-    """In a child: get SIGTERM when the process that started us dies (Linux), so nothing is orphaned."""
+    """In a child: get SIGTERM when the process that started us dies (Linux), so nothing is orphaned.
+
+    The kernel sends it when the *thread* that forked the child ends, so children are started
+    by :func:`spawn`, from a thread that lives as long as the process.
+    """
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+class _Spawner:
+    """One daemon thread per process that starts the embedded children (see _die_with_parent)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen:
+        """``subprocess.Popen(args, **kwargs)``, run on the spawner thread; it dies with this process."""
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._requests = queue.SimpleQueue()  # after a fork: a thread of this process's own
+                self._thread = threading.Thread(
+                    target=self._serve, args=(self._requests,), name="doredis-spawner", daemon=True
+                )
+                self._thread.start()
+                self._pid = os.getpid()
+            requests = self._requests
+        done: Future = Future()
+        requests.put((args, kwargs, done))
+        return done.result()
+
+    @staticmethod
+    def _serve(requests: queue.SimpleQueue) -> None:
+        while True:
+            args, kwargs, done = requests.get()
+            try:
+                done.set_result(subprocess.Popen(args, **kwargs))
+            except BaseException as exc:  # reported to the caller, never the end of this thread
+                done.set_exception(exc)
+
+
+spawn = _Spawner().popen
 
 
 def free_port() -> int:
@@ -89,9 +133,7 @@ class RedisServer:
             self.url = f"unix://{sock}"
         args += list(extra_args)
         self._log = open(self.dir / "redis.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-        )
+        self.process = spawn(args, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         try:
             wait_for(self._ready, 10, f"redis-server at {self.url}")
         except TimeoutError:
@@ -129,6 +171,7 @@ def worker_env() -> dict[str, str]:
     paths = [p for p in [os.getcwd(), *sys.path] if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.setdefault("DOREDIS_LOG_LEVEL", "WARNING")  # keep the driver's terminal quiet; set it to see more
+    env["DOREDIS_LIVENESS_FILE"] = "off"  # local processes: nothing probes them
     return env
 
 
@@ -149,8 +192,15 @@ class LocalCluster:
         self.redis_url = redis_url or self._server.url
         self._workers: list[subprocess.Popen] = []
         self._lock = threading.Lock()
+        self._stopped = False
         self.scale(workers if workers is not None else (os.cpu_count() or 1))
         self.wait_ready()
+
+    def alive(self) -> bool:
+        """False once stopped, or once its own Redis server has exited."""
+        if self._stopped:
+            return False
+        return self._server is None or self._server.process.poll() is None
 
     def wait_ready(self, timeout: float = 30) -> bool:
         """Wait until every worker process has registered with the queue (False on timeout)."""
@@ -184,7 +234,7 @@ class LocalCluster:
             extra = ["--preload", self.preload] if self.preload else []
             for _ in range(n - len(current)):
                 self._workers.append(
-                    subprocess.Popen(
+                    spawn(
                         worker_command(self.redis_url, self.queue, *extra),
                         env=worker_env(),
                         preexec_fn=_die_with_parent,
@@ -197,6 +247,7 @@ class LocalCluster:
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM every worker, wait for them, then stop the server."""
+        self._stopped = True
         for process in self.workers:
             process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -236,11 +287,16 @@ def default_cluster() -> LocalCluster:
     """The process-wide embedded cluster, started on first use and stopped at exit."""
     global _default
     with _default_lock:
+        if _default is not None and not _default.alive():
+            log.warning("the embedded Redis server has exited; starting a new embedded server and workers")
+            _default.stop(timeout=5)
+            _default = None
         if _default is None:
             log.info(
                 "no Redis configured (DOREDIS_REDIS_URL / REDIS_URL): starting an embedded server and workers"
             )
             _default = LocalCluster()
+            atexit.unregister(_stop_default)  # once, however often the default is started
             atexit.register(_stop_default)
         return _default
 

@@ -16,8 +16,15 @@ Keys of one run (``<id>`` is the run id, a 16-hex-digit string; all keys expire 
                                            (written with HSETNX: a late duplicate is dropped)
 ``doredis:run:<id>:notify``        list    chunk numbers, pushed as results land; the driver
                                            blocks on it with BLPOP
-``doredis:run:<id>:cursor``        hash    chunk number -> task index in hand (careful mode only)
-``doredis:run:<id>:deaths``        hash    task index -> deliveries that killed their worker
+``doredis:run:<id>:parts``         hash    results a chunk made durable while it ran (progressive
+                                           results): ``<chunk>:<offset>`` -> signed, pickled
+                                           :class:`ChunkPart`; ``<chunk>`` -> the parts' offsets
+                                           (deleted with the chunk's result)
+``doredis:run:<id>:cursor``        hash    ``<chunk>`` -> task index in hand (careful mode only);
+                                           ``<chunk>:term`` -> set while the delivery in hand
+                                           drains after a stop signal (its death is excused)
+``doredis:run:<id>:deaths``        hash    task index -> deliveries that died with it in hand;
+                                           ``x<chunk>`` -> deliveries excused (stopped by SIGTERM)
 ``doredis:run:<id>:cancel``        string  present once the run is cancelled
 ``doredis:runs:<queue>``           zset    run id -> creation time, for ``status`` and ``purge``
 ``doredis:worker:<name>``          hash    chunks, tasks, failures of one worker (with a TTL)
@@ -53,6 +60,19 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TTL = int(os.environ.get("DOREDIS_HEARTBEAT_TTL", 6))
 #: How often an idle worker or a waiting driver sweeps rq's started registry for abandoned chunks.
 SWEEP_INTERVAL = 2.0
+#: Progressive results: a chunk that has run this long makes the results of the tasks it finished
+#: durable (a :class:`ChunkPart`) after the next task that ends, and again at most this often, so a
+#: worker lost mid-chunk costs only the task in hand. Shorter chunks write nothing extra.
+PROGRESS_INTERVAL = 1.0
+#: A chunk handed back by a draining worker returns rq's ``Retry`` with this ``max``: hand-backs
+#: are not deliveries that died, so they must never exhaust the chunk.
+HANDBACK_LIMIT = 1_000_000
+
+# run states (the ``state`` field of the run's meta hash)
+SUBMITTING = "submitting"
+RUNNING = "running"
+DONE = "done"
+CANCELLED = "cancelled"
 
 JOB_FUNCTION = "doredis.worker.chunk.run_chunk"
 
@@ -109,6 +129,10 @@ class RunKeys:
         return self._k("notify")
 
     @property
+    def parts(self) -> str:
+        return self._k("parts")
+
+    @property
     def cursor(self) -> str:
         return self._k("cursor")
 
@@ -125,6 +149,7 @@ class RunKeys:
             self.meta,
             self.spec,
             self.items,
+            self.parts,
             self.results,
             self.notify,
             self.cursor,
@@ -135,6 +160,21 @@ class RunKeys:
     def all_but(self, keep: str) -> list[str]:
         """Every key of the run except ``keep`` (to delete a run while leaving one marker behind)."""
         return [key for key in self.all() if key != keep]
+
+
+def part_field(chunk_no: int, offset: int) -> str:
+    """Field of ``RunKeys.parts`` holding the part of chunk ``chunk_no`` that starts at ``offset``."""
+    return f"{chunk_no}:{offset}"
+
+
+def term_field(chunk_no: int) -> str:
+    """Field of ``RunKeys.cursor`` set while the delivery of ``chunk_no`` in hand drains after SIGTERM."""
+    return f"{chunk_no}:term"
+
+
+def excused_field(chunk_no: int) -> str:
+    """Field of ``RunKeys.deaths`` counting deliveries of ``chunk_no`` that died while draining."""
+    return f"x{chunk_no}"
 
 
 def runs_key(queue: str) -> str:
@@ -176,6 +216,9 @@ class TaskFailure:
     traceback: str = ""
     worker: str = ""
     attempts: int = 1
+    #: The task's own exception, cloudpickled on the worker (which checked that it unpickles), or
+    #: None when it does not; the driver raises it chained to the TaskError (``TaskError.exception``).
+    exception: bytes | None = None
 
 
 @dataclass
@@ -194,13 +237,30 @@ class ChunkResult:
     failures: dict[int, TaskFailure] = field(default_factory=dict)
     reduced: bool = False
     elapsed: float = 0.0
+    #: True when a draining worker stopped before the chunk's last task (``count`` tasks ran).
+    interrupted: bool = False
+
+
+@dataclass
+class ChunkPart:
+    """Results of consecutive tasks of a chunk, made durable while the chunk still runs.
+
+    ``offset`` is the position of its first task in the chunk; ``values`` and ``failures`` are
+    as in :class:`ChunkResult` (unfolded, also for a ``reduce`` run).
+    """
+
+    offset: int
+    values: list
+    failures: dict[int, TaskFailure] = field(default_factory=dict)
 
 
 # --- scripts ----------------------------------------------------------------------------------
 
-#: Stores a chunk's result once: KEYS = results, notify, meta, items, cursor;
+#: Stores a chunk's result once: KEYS = results, notify, meta, items, cursor, parts;
 #: ARGV = chunk, blob, ok, failed, ttl. Returns 1 when stored, 0 when a result for that chunk
-#: was already there (a duplicate run), -1 when the run is gathered, cancelled or expired.
+#: was already there (a duplicate run), -1 when the run is gathered, cancelled or expired (or
+#: its state is gone: the driver then submits the chunk again). The chunk's items, cursor,
+#: drain marker and progressive parts go with it.
 PUBLISH_RESULT = """
 local state = redis.call('HGET', KEYS[3], 'state')
 if state == false or state == 'done' or state == 'cancelled' then
@@ -210,7 +270,14 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
 redis.call('HDEL', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1], ARGV[1] .. ':term')
+local offsets = redis.call('HGET', KEYS[6], ARGV[1])
+if offsets then
+  for offset in string.gmatch(offsets, '%d+') do
+    redis.call('HDEL', KEYS[6], ARGV[1] .. ':' .. offset)
+  end
+  redis.call('HDEL', KEYS[6], ARGV[1])
+end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'done', ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'failed', ARGV[4])
@@ -225,7 +292,7 @@ def publish_result(conn, keys: RunKeys, chunk_no: int, blob: bytes, ok: int, fai
     """Run PUBLISH_RESULT for one chunk; see there for the return value."""
     script = conn.register_script(PUBLISH_RESULT)
     return script(
-        keys=[keys.results, keys.notify, keys.meta, keys.items, keys.cursor],
+        keys=[keys.results, keys.notify, keys.meta, keys.items, keys.cursor, keys.parts],
         args=[chunk_no, blob, ok, failed, run_ttl()],
     )
 

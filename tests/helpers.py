@@ -49,7 +49,7 @@ class WorkerPool:
         self, n: int = 1, *extra: str, env: dict[str, str] | None = None, wait: bool = True
     ) -> list[subprocess.Popen]:
         """Start ``n`` workers; by default wait until they are registered with rq."""
-        before = worker_count(self.conn, self.queue)
+        before = worker_count(self.conn, self.queue) if wait else 0
         started = []
         for _ in range(n):
             full_env = dict(os.environ)

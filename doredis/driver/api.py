@@ -7,7 +7,7 @@ from typing import Any
 
 import redis as redis_py
 
-from .. import connection, embedded, serialization
+from .. import connection, embedded, protocol, serialization
 from ..protocol import DEFAULT_QUEUE, RunKeys
 from .options import RunOptions, validate
 from .run import Run
@@ -107,11 +107,11 @@ def attach(run_id: str, *, redis: str | redis_py.Redis | None = None, progress: 
     meta = {k.decode(): v.decode() for k, v in conn.hgetall(keys.meta).items()}
     if not meta:
         raise LookupError(f"no run {run_id!r} on this Redis server (wrong id or server, or its TTL expired)")
-    if meta.get("state") == "submitting":
+    if meta.get("state") == protocol.SUBMITTING:
         raise RuntimeError(
             f"run {run_id} was never completely submitted (its driver died while submitting); submit it again"
         )
-    if meta.get("state") == "done":
+    if meta.get("state") == protocol.DONE:
         raise LookupError(f"run {run_id} was already gathered to the end by its driver; its results are gone")
     reduce = None
     if meta.get("reduce") == "1":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -12,8 +13,9 @@ from typing import Any
 
 import redis as redis_py
 
-from .. import serialization
+from .. import connection, outage, serialization, taskrun
 from ..errors import TaskError
+from ..outage import Outage
 from ..protocol import DEFAULT_QUEUE
 from .api import _connect
 from .collect import Collector
@@ -21,10 +23,21 @@ from .options import validate
 from .run import Run
 from .submit import submit_run
 
+log = logging.getLogger("doredis.driver")
+
 
 def _call(job: tuple) -> Any:
     fn, args, kwargs = job
     return fn(*args, **kwargs)
+
+
+_call.doredis_item_repr = taskrun.call_repr  # failure reports show `pow(2, 10)`, not the tuple
+
+
+def _own_exception(error: TaskError) -> BaseException:
+    """What a ``concurrent.futures`` user expects to catch: the task's own exception (chained to
+    its remote traceback) when it travelled, else the TaskError that describes it."""
+    return error.exception if error.exception is not None else error
 
 
 def _star(fn: Callable, args: tuple) -> Any:
@@ -54,6 +67,7 @@ class Executor(_Executor):
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._shutdown = False
+        self._outage = Outage(connection.describe(self._conn), log, outage.tolerance())
         self._thread = threading.Thread(target=self._wait_loop, name="doredis-executor", daemon=True)
         self._thread.start()
 
@@ -81,7 +95,8 @@ class Executor(_Executor):
     def map(
         self, fn: Callable, *iterables: Iterable, timeout: float | None = None, chunksize: int = 1
     ) -> Iterator[Any]:
-        """Results in order; the first failure raises :class:`doredis.TaskError` when reached.
+        """Results in order; the first failure raises the task's own exception when reached (a
+        :class:`doredis.TaskError` when that exception could not travel).
 
         ``timeout``: a ``TimeoutError`` when a result is not there ``timeout`` seconds after the
         call (the run is then cancelled). ``chunksize`` > 1 forces that many tasks per chunk;
@@ -95,7 +110,7 @@ class Executor(_Executor):
         def results() -> Iterator[Any]:
             for value in run.iterate(deadline=deadline):
                 if isinstance(value, TaskError):
-                    raise value
+                    raise _own_exception(value)
                 yield value
 
         return results()
@@ -134,8 +149,8 @@ class Executor(_Executor):
             if not runs:
                 continue
             try:
-                popped = self._conn.blpop(list(runs), timeout=0.5)
-            except redis_py.RedisError as exc:
+                popped = self._outage.call(self._conn.blpop, list(runs), timeout=0.5)
+            except redis_py.RedisError as exc:  # Redis gone for longer than the outage tolerance
                 for run, future in runs.values():
                     future.set_exception(exc)
                     self._forget(run)
@@ -150,7 +165,7 @@ class Executor(_Executor):
             collector = Collector(run.options)
             value = collector.add(result)[0]
             if isinstance(value, TaskError):
-                future.set_exception(value)
+                future.set_exception(_own_exception(value))
             else:
                 future.set_result(value)
             run._finish(collector)

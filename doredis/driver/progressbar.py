@@ -20,6 +20,12 @@ class ProgressBar:
             total=total, unit="task", file=sys.stderr, disable=not enabled, desc=f"doredis {run_id}"
         )
         self._workers: int | None = None
+        self._redis_down = False
+
+    def set_total(self, total: int | None) -> None:
+        if total is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def advance(self, tasks: int) -> None:
         self.bar.update(tasks)
@@ -27,9 +33,25 @@ class ProgressBar:
     def workers(self, count: int) -> None:
         if count != self._workers:
             self._workers = count
-            self.bar.set_postfix_str(
-                "no worker connected: tasks wait in the queue" if count == 0 else f"workers={count}"
+            self._show()
+
+    def redis_down(self, down: bool) -> None:
+        """Redis is unreachable (the run is kept and waits for it), or back."""
+        self._redis_down = down
+        self._show()
+
+    def _show(self) -> None:
+        if self._redis_down:
+            text = "Redis unreachable: reconnecting (the run is kept)"
+        elif self._workers is None:
+            return
+        else:
+            text = (
+                "no worker connected: tasks wait in the queue"
+                if self._workers == 0
+                else f"workers={self._workers}"
             )
+        self.bar.set_postfix_str(text)
 
     def close(self) -> None:
         self.bar.close()

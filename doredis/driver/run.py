@@ -10,8 +10,9 @@ from typing import Any
 import redis
 from rq.job import Job
 
-from .. import protocol, recovery, serialization
-from ..errors import RunCancelled
+from .. import connection, outage, protocol, recovery, serialization
+from ..errors import RedisOutage, RunCancelled
+from ..outage import Outage
 from ..protocol import ERROR, LOST, ChunkResult, RunKeys, TaskFailure
 from ..serialization import RQSerializer
 from ..status import connected_workers
@@ -23,7 +24,12 @@ log = logging.getLogger("doredis.driver")
 
 #: How long the driver blocks on the notify list before it checks on the run's health.
 WAIT_SLICE = 1.0
+#: While results keep arriving, the run's health is still checked this often (a failover can
+#: lose a few chunks while the others go on).
+HEALTH_INTERVAL = 10.0
 _BATCH = 256
+#: Chunks checked per round trip by the health check.
+_CHECK_BATCH = 1000
 
 
 def remove_queued_chunks(conn: redis.Redis, queue: str, run_id: str, chunks: int) -> int:
@@ -44,14 +50,44 @@ def remove_queued_chunks(conn: redis.Redis, queue: str, run_id: str, chunks: int
 
 
 class Run:
-    """A run on a Redis queue: ``results()`` gathers it; ``progress()`` and ``cancel()`` work anywhere."""
+    """A run on a Redis queue: ``results()`` gathers it; ``progress()`` and ``cancel()`` work anywhere.
 
-    def __init__(self, conn: redis.Redis, run_id: str, options: RunOptions, reduce=None) -> None:
+    While gathering, a Redis outage (a restart, a failover, a frozen server, a cut connection)
+    is waited out for up to ``DOREDIS_OUTAGE_TOLERANCE`` seconds, and never cancels the run. A
+    Run made by ``submit`` keeps its unfinished chunks (``source``) and submits again whatever
+    Redis lost; a Run from ``attach`` cannot, and reports lost chunks instead.
+    """
+
+    def __init__(
+        self, conn: redis.Redis, run_id: str, options: RunOptions, reduce=None, *, source=None
+    ) -> None:
         self.conn = conn
         self.id = run_id
         self.options = options
         self.keys = RunKeys(run_id)
         self._reduce = reduce if reduce is not None else options.reduce
+        self.source = source
+        self._where = connection.describe(conn)
+        self._outage = Outage(
+            self._where, log, outage.tolerance(), on_change=self._redis_down, give_up=self._gave_up
+        )
+        self._done = self._failed = 0  # tasks gathered so far, for a meta written again
+
+    def _redis(self, fn, *args, **kwargs):
+        """A Redis call of the gather loop, retried through outages up to the tolerance."""
+        return self._outage.call(fn, *args, **kwargs)
+
+    def _redis_down(self, down: bool) -> None:
+        if self._bar is not None:
+            self._bar.redis_down(down)
+
+    def _gave_up(self, exc: BaseException, elapsed: float) -> RedisOutage:
+        return RedisOutage(
+            f"run {self.id}: Redis at {self._where} has been unreachable for {elapsed:.0f} s, longer than "
+            f"DOREDIS_OUTAGE_TOLERANCE ({self._outage.tolerance:g} s); last error: {type(exc).__name__}: "
+            f"{exc}. The run was not cancelled: once Redis is back (with its data), gather it with "
+            f"doredis.attach({self.id!r}, redis=...).results(), or watch it with `doredis status`."
+        )
 
     def __repr__(self) -> str:
         done, failed, total = self.progress()
@@ -70,14 +106,16 @@ class Run:
         return int(meta.get("done", 0)), int(meta.get("failed", 0)), int(total) if total is not None else None
 
     def _chunks(self) -> int | None:
-        value = self.conn.hget(self.keys.meta, "chunks")
+        if self.source is not None and self.source.chunks:
+            return self.source.chunks
+        value = self._redis(self.conn.hget, self.keys.meta, "chunks")
         return int(value) if value is not None else None
 
     def cancel(self) -> int:
         """Stop the run: queued chunks are removed, running ones are dropped. Returns chunks removed."""
         with self.conn.pipeline() as pipe:
             pipe.set(self.keys.cancel, 1, ex=protocol.run_ttl())
-            pipe.hset(self.keys.meta, "state", "cancelled")
+            pipe.hset(self.keys.meta, "state", protocol.CANCELLED)
             pipe.execute()
         chunks = self._chunks() or int(self.conn.hget(self.keys.meta, "enqueued") or 0)
         removed = remove_queued_chunks(self.conn, self.options.queue, self.id, chunks)
@@ -111,16 +149,20 @@ class Run:
 
     def _iterate(self, collector: Collector, deadline: float | None = None) -> Iterator[list[Any]]:
         """Lists of task values, as they become ready."""
-        _, _, total = self.progress()
-        bar = self._bar = ProgressBar(wanted(self.options.progress), total, self.id)
+        bar = self._bar = ProgressBar(wanted(self.options.progress), None, self.id)  # shows outages too
+        bar.set_total(self._redis(self.progress)[2])
         finished = False
         try:
             for result in self._chunk_results(deadline):
                 bar.advance(result.count)
+                self._done += result.count - len(result.failures)
+                self._failed += len(result.failures)
                 if time.monotonic() - self._last_worker_check > 1:
                     self._check_workers()
                 yield collector.add(result)
             finished = True
+        except RedisOutage:
+            raise  # Redis is gone: the run stays there for attach, nothing to cancel
         except BaseException:
             # A task error in "raise" mode, Ctrl-C, or the caller leaving imap early: stop the workers.
             if not finished:
@@ -128,11 +170,11 @@ class Run:
             raise
         finally:
             bar.close()
-        self._finish(collector)
+        self._redis(self._finish, collector)
 
     def _cancel_quietly(self) -> None:
         try:
-            self.cancel()
+            self.cancel()  # once: whoever is leaving (Ctrl-C, an error) must not wait out an outage
         except redis.RedisError as exc:
             log.warning("could not cancel run %s: %s", self.id, exc)
 
@@ -140,7 +182,7 @@ class Run:
         """All results are in: free their memory in Redis, keep the summary for ``status``."""
         with self.conn.pipeline() as pipe:
             pipe.delete(*self.keys.all_but(self.keys.meta))
-            pipe.hset(self.keys.meta, "state", "done")
+            pipe.hset(self.keys.meta, "state", protocol.DONE)
             pipe.expire(self.keys.meta, 3600)
             pipe.zrem(protocol.runs_key(self.options.queue), self.id)
             pipe.execute()
@@ -153,7 +195,7 @@ class Run:
 
     def _check_workers(self) -> int:
         self._last_worker_check = time.monotonic()
-        count = connected_workers(self.conn, self.options.queue)
+        count = self._redis(connected_workers, self.conn, self.options.queue)
         if self._bar is not None:
             self._bar.workers(count)
         if count == 0 and not self._warned_no_worker:
@@ -167,28 +209,31 @@ class Run:
 
     def _chunk_results(self, deadline: float | None = None) -> Iterator[ChunkResult]:
         """Every chunk result once, as they land: first what is stored already (attach), then BLPOP."""
-        if self.conn.hget(self.keys.meta, "state") == b"done":
+        if self._redis(self.conn.hget, self.keys.meta, "state") == protocol.DONE.encode():
             raise RuntimeError(f"run {self.id} was already gathered to the end; its results left Redis then")
         seen: set[int] = set()
-        stored = [int(c) for c in self.conn.hkeys(self.keys.results)]
+        stored = [int(c) for c in self._redis(self.conn.hkeys, self.keys.results)]
         yield from self._fetch(stored, seen)
+        last_check = time.monotonic()
         while True:
             chunks = self._chunks()
             if chunks is not None and len(seen) >= chunks:
                 return
-            if self.conn.exists(self.keys.cancel):
+            if self._redis(self.conn.exists, self.keys.cancel):
                 raise RunCancelled(f"run {self.id} was cancelled")
             wait = WAIT_SLICE
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError(f"run {self.id}: results not ready by the deadline")
-            popped = self.conn.blpop([self.keys.notify], timeout=max(wait, 0.01))
-            if popped is None:
+            popped = self._redis(self.conn.blpop, [self.keys.notify], timeout=max(wait, 0.01))
+            if popped is None or time.monotonic() - last_check > HEALTH_INTERVAL:
+                last_check = time.monotonic()
                 yield from self._health_check(seen)
+            if popped is None:
                 continue
             batch = [int(popped[1])]
-            more = self.conn.lpop(self.keys.notify, _BATCH)
+            more = self._redis(self.conn.lpop, self.keys.notify, _BATCH)
             if more:
                 batch.extend(int(c) for c in more)
             yield from self._fetch(batch, seen)
@@ -197,47 +242,96 @@ class Run:
         new = [c for c in dict.fromkeys(chunk_nos) if c not in seen]
         if not new:
             return
-        blobs = self.conn.hmget(self.keys.results, new)
+        blobs = self._redis(self.conn.hmget, self.keys.results, new)
         for chunk_no, blob in zip(new, blobs, strict=True):
             if blob is None:
                 continue
             seen.add(chunk_no)
+            if self.source is not None:
+                self.source.forget(chunk_no)
             yield serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
 
-    def _health_check(self, seen: set[int]) -> list[ChunkResult]:
-        """Nothing arrived for a while: requeue abandoned chunks; report chunks rq gave up on."""
-        recovery.sweep_abandoned(self.conn, self.options.queue)
+    def _health_check(self, seen: set[int]) -> Iterator[ChunkResult]:
+        """Nothing arrived for a while (or a while has passed): requeue abandoned chunks, gather
+        results whose notification was lost, submit again what Redis lost, report chunks rq gave
+        up on."""
+        self._redis(recovery.sweep_abandoned, self.conn, self.options.queue)
         self._check_workers()
         chunks = self._chunks()
         if chunks is None:
-            return []
-        missing = [c for c in range(chunks) if c not in seen]
-        if not missing or len(missing) > 10_000:
-            return []
-        with self.conn.pipeline(transaction=False) as pipe:
-            for chunk_no in missing:
-                pipe.hget(Job.key_for(protocol.job_id(self.id, chunk_no)), "status")
-            statuses = pipe.execute()
-        self._raise_if_vanished([c for c, s in zip(missing, statuses, strict=True) if s is None])
-        failed = [c for c, s in zip(missing, statuses, strict=True) if s == b"failed"]
-        return [self._failed_chunk(c) for c in failed if c not in seen and not seen.add(c)]
-
-    def _raise_if_vanished(self, jobless: list[int]) -> None:
-        """Chunks with neither an rq job nor a result were purged, flushed or evicted: say so
-        instead of waiting forever. (A worker stores the result before rq deletes the job, so a
-        chunk whose job was gone before this check has its result by now.)"""
-        if not jobless:
             return
+        missing = [c for c in range(chunks) if c not in seen]
+        if not missing:
+            return
+        if not self._redis(self.conn.exists, self.keys.meta):
+            yield from self._fetch(missing, seen)  # a result stored just before the meta went
+            lost = [c for c in missing if c not in seen]
+            if self.source is None:
+                self._raise_if_vanished(lost)
+            self._resubmit(lost, whole_run=True)
+            return
+        jobless, failed, stored = [], [], []
+        for i in range(0, len(missing), _CHECK_BATCH):
+            part = missing[i : i + _CHECK_BATCH]
+            states = self._redis(self._chunk_states, part)
+            for chunk_no, (status, has_result) in zip(part, states, strict=True):
+                if has_result:
+                    stored.append(chunk_no)  # its notification was lost (a restart, a failover)
+                elif status is None:
+                    jobless.append(chunk_no)
+                elif status == b"failed":
+                    failed.append(chunk_no)
+        yield from self._fetch(stored, seen)
+        if jobless:
+            if self.source is None:
+                self._raise_if_vanished(jobless)
+            else:
+                self._resubmit(jobless, whole_run=False)
+        yield from (self._failed_chunk(c) for c in failed if c not in seen and not seen.add(c))
+
+    def _chunk_states(self, chunk_nos: list[int]) -> list[tuple[bytes | None, bool]]:
+        """(rq job status, result stored?) per chunk. The job is read first: a worker stores the
+        result before rq deletes the job, so a chunk whose job is gone has its result by then."""
         with self.conn.pipeline(transaction=False) as pipe:
-            for chunk_no in jobless:
+            for chunk_no in chunk_nos:
+                pipe.hget(Job.key_for(protocol.job_id(self.id, chunk_no)), "status")
+            for chunk_no in chunk_nos:
                 pipe.hexists(self.keys.results, chunk_no)
-            stored = pipe.execute()
-        gone = [c for c, has in zip(jobless, stored, strict=True) if not has]
+            replies = pipe.execute()
+        n = len(chunk_nos)
+        return list(zip(replies[:n], (bool(r) for r in replies[n:]), strict=True))
+
+    def _resubmit(self, chunk_nos: list[int], *, whole_run: bool) -> None:
+        """Redis lost chunks of this run (or the whole run): submit them again from ``source``."""
+        if not chunk_nos and not whole_run:
+            return
+        what = "the run's state and " if whole_run else ""
+        log.warning(
+            "run %s: Redis lost %s%d unfinished chunk(s) (a restart without persistence, a failover, "
+            "FLUSHALL or eviction); submitting them again",
+            self.id,
+            what,
+            len(chunk_nos),
+        )
+        self._redis(
+            self.source.restore,
+            self.conn,
+            chunk_nos,
+            whole_run=whole_run,
+            done=self._done,
+            failed=self._failed,
+        )
+
+    def _raise_if_vanished(self, gone: list[int]) -> None:
+        """Chunks with neither an rq job nor a result were purged, flushed or evicted, and this Run
+        (from ``attach``) does not have their items to submit them again: say so instead of
+        waiting forever."""
         if gone:
             raise RuntimeError(
                 f"run {self.id}: {len(gone)} chunk(s) (first: {gone[0]}) vanished from Redis with no result "
-                "(purged, flushed, or evicted by maxmemory); their tasks cannot be recovered. Give Redis "
-                "enough memory with maxmemory-policy noeviction, and submit the run again."
+                "(purged, flushed, or evicted by maxmemory); their tasks cannot be recovered here (only "
+                "the driver that submitted a run keeps its items). Give Redis enough memory with "
+                "maxmemory-policy noeviction, and submit the run again."
             )
 
     def _failed_chunk(self, chunk_no: int) -> ChunkResult:

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable
 import redis
 from rq import Queue, Retry
 
-from .. import protocol, serialization
+from .. import connection, outage, protocol, serialization
+from ..outage import Outage
 from ..protocol import RunKeys
 from ..serialization import RQSerializer
 from ..status import connected_workers
@@ -52,53 +53,123 @@ def pickle_items(items: list, start: int) -> bytes:
         raise serialization.pickling_error(items, f"the chunk starting at item {start}", exc) from exc
 
 
+class RunSource:
+    """What the driver keeps of a run so that it can submit it again after Redis lost it.
+
+    The driver is the source of truth for unfinished work: it holds each chunk's sealed items
+    until that chunk's result has arrived (memory: the unfinished chunks only), plus the run's
+    spec and meta. When Redis restarts without persistence, fails over to a replica that missed
+    the last writes, or evicts a key, :meth:`restore` writes back what is missing and enqueues
+    the missing chunks again; a chunk that then runs twice is still delivered once.
+    """
+
+    def __init__(self, run_id: str, queue: str, spec_blob: bytes, meta: dict) -> None:
+        self.run_id = run_id
+        self.keys = RunKeys(run_id)
+        self.queue = queue
+        self.spec_blob = spec_blob
+        self.meta = meta
+        self.unfinished: dict[int, tuple[int, int, bytes]] = {}  # chunk -> (start, count, items)
+        self.total = 0
+        self.chunks = 0
+
+    def add(self, chunk_no: int, start: int, count: int, items_blob: bytes) -> None:
+        self.unfinished[chunk_no] = (start, count, items_blob)
+
+    def forget(self, chunk_no: int) -> None:
+        """The chunk's result has arrived: its items are no longer needed."""
+        self.unfinished.pop(chunk_no, None)
+
+    def job_data(self, chunk_no: int):
+        start, count, _ = self.unfinished[chunk_no]
+        return _job_data(self.run_id, chunk_no, start, count, protocol.run_ttl())
+
+    def write_run(self, pipe, state: str, **fields) -> None:
+        """Queue the commands that store the run's meta, spec and index entry on ``pipe``."""
+        ttl = protocol.run_ttl()
+        pipe.hset(self.keys.meta, mapping={**self.meta, "state": state, **fields})
+        pipe.expire(self.keys.meta, ttl)
+        pipe.set(self.keys.spec, self.spec_blob, ex=ttl)
+        pipe.zadd(protocol.runs_key(self.queue), {self.run_id: float(self.meta["created"])})
+
+    def restore(
+        self, conn: redis.Redis, chunk_nos: list[int], *, whole_run: bool, done: int, failed: int
+    ) -> None:
+        """Submit ``chunk_nos`` again (with the run's meta and spec when ``whole_run``)."""
+        chunk_nos = [c for c in chunk_nos if c in self.unfinished]
+        queue = Queue(self.queue, connection=conn, serializer=RQSerializer)
+        with conn.pipeline() as pipe:
+            if whole_run:
+                self.write_run(
+                    pipe,
+                    protocol.RUNNING,
+                    total=self.total,
+                    chunks=self.chunks,
+                    enqueued=self.chunks,
+                    done=done,
+                    failed=failed,
+                )
+            else:
+                pipe.set(self.keys.spec, self.spec_blob, ex=protocol.run_ttl(), nx=True)
+            if chunk_nos:
+                pipe.hset(self.keys.items, mapping={c: self.unfinished[c][2] for c in chunk_nos})
+                pipe.expire(self.keys.items, protocol.run_ttl())
+                queue.enqueue_many([self.job_data(c) for c in chunk_nos], pipeline=pipe)
+            pipe.execute()
+
+
 def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOptions) -> Run:
     """Store the run, enqueue its chunks while consuming ``items``, and return the Run."""
     spec_blob = pickle_spec(fn, options)
     run_id = protocol.new_run_id()
     keys = RunKeys(run_id)
-    ttl = protocol.run_ttl()
     queue = Queue(options.queue, connection=conn, serializer=RQSerializer)
-    workers = connected_workers(conn, options.queue)
-    with conn.pipeline() as pipe:
-        pipe.hset(
-            keys.meta,
-            mapping={
-                "queue": options.queue,
-                "state": "submitting",
-                "created": time.time(),
-                "errors": options.errors,
-                "ordered": int(options.ordered),
-                "reduce": int(options.reduce is not None),
-                "driver": f"{socket.gethostname()}:{os.getpid()}",
-                "done": 0,
-                "failed": 0,
-            },
-        )
-        pipe.expire(keys.meta, ttl)
-        pipe.set(keys.spec, spec_blob, ex=ttl)
-        pipe.zadd(protocol.runs_key(options.queue), {run_id: time.time()})
-        pipe.execute()
+    source = RunSource(
+        run_id,
+        options.queue,
+        spec_blob,
+        {
+            "queue": options.queue,
+            "created": time.time(),
+            "errors": options.errors,
+            "ordered": int(options.ordered),
+            "reduce": int(options.reduce is not None),
+            "driver": f"{socket.gethostname()}:{os.getpid()}",
+        },
+    )
+    redis_outage = Outage(connection.describe(conn), log, outage.tolerance())
+    workers = redis_outage.call(connected_workers, conn, options.queue)
 
+    def store_run() -> None:
+        with conn.pipeline() as pipe:
+            source.write_run(pipe, protocol.SUBMITTING, done=0, failed=0)
+            pipe.execute()
+
+    redis_outage.call(store_run)
     total = chunk_no = 0
-    batch: list = []
+    batch: list[int] = []
     flush_at = 1  # the first chunk goes out at once so workers start while the rest is cut
     try:
         for chunk in iter_chunks(items, options.chunk_size, workers):
-            batch.append(
-                (chunk_no, pickle_items(chunk, total), _job_data(run_id, chunk_no, total, chunk, ttl))
-            )
+            source.add(chunk_no, total, len(chunk), pickle_items(chunk, total))
+            batch.append(chunk_no)
             total += len(chunk)
             chunk_no += 1
             if len(batch) >= flush_at:
-                _flush(conn, queue, keys, batch, chunk_no)
+                redis_outage.call(_flush, conn, queue, source, batch, chunk_no)
                 batch = []
                 flush_at = min(_MAX_BATCH, flush_at * 2)
-        _flush(conn, queue, keys, batch, chunk_no)
+        redis_outage.call(_flush, conn, queue, source, batch, chunk_no)
+        source.total, source.chunks = total, chunk_no
+        redis_outage.call(
+            conn.hset, keys.meta, mapping={"total": total, "chunks": chunk_no, "state": protocol.RUNNING}
+        )
     except BaseException:
-        _discard(conn, run_id, chunk_no, options.queue)
+        try:
+            _discard(conn, run_id, chunk_no, options.queue)
+        except redis.RedisError as exc:
+            log.warning("run %s: could not take back its chunks (%s); they expire with the run", run_id, exc)
         raise
-    conn.hset(keys.meta, mapping={"total": total, "chunks": chunk_no, "state": "running"})
     log.info(
         "run %s: %d tasks in %d chunks on queue %r (%d workers connected)",
         run_id,
@@ -111,10 +182,10 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
         log.warning(
             "no worker is connected to queue %r: the tasks wait in the queue until one starts", options.queue
         )
-    return Run(conn, run_id, options)
+    return Run(conn, run_id, options, source=source)
 
 
-def _job_data(run_id: str, chunk_no: int, start: int, chunk: list, ttl: int):
+def _job_data(run_id: str, chunk_no: int, start: int, count: int, ttl: int):
     return Queue.prepare_data(
         protocol.JOB_FUNCTION,
         args=(run_id, chunk_no, start),
@@ -123,21 +194,21 @@ def _job_data(run_id: str, chunk_no: int, start: int, chunk: list, ttl: int):
         result_ttl=0,
         failure_ttl=ttl,
         ttl=ttl,
-        description=f"doredis run {run_id} chunk {chunk_no} (tasks {start}..{start + len(chunk) - 1})",
-        meta={"start": start, "count": len(chunk)},
+        description=f"doredis run {run_id} chunk {chunk_no} (tasks {start}..{start + count - 1})",
+        meta={"start": start, "count": count},
         retry=Retry(max=protocol.CHUNK_REDELIVERIES),
     )
 
 
-def _flush(conn: redis.Redis, queue: Queue, keys: RunKeys, batch: list, enqueued: int) -> None:
+def _flush(conn: redis.Redis, queue: Queue, source: RunSource, batch: list[int], enqueued: int) -> None:
     """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip."""
     if not batch:
         return
     with conn.pipeline() as pipe:
-        pipe.hset(keys.items, mapping={chunk_no: blob for chunk_no, blob, _ in batch})
-        pipe.expire(keys.items, protocol.run_ttl())
-        queue.enqueue_many([job for _, _, job in batch], pipeline=pipe)
-        pipe.hset(keys.meta, "enqueued", enqueued)
+        pipe.hset(source.keys.items, mapping={c: source.unfinished[c][2] for c in batch})
+        pipe.expire(source.keys.items, protocol.run_ttl())
+        queue.enqueue_many([source.job_data(c) for c in batch], pipeline=pipe)
+        pipe.hset(source.keys.meta, "enqueued", enqueued)
         pipe.execute()
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import redis
-from rq import get_current_job
+from rq import Retry, get_current_job
 
-from .. import protocol, serialization, taskrun
-from ..protocol import ERROR, ChunkResult, RunKeys, RunSpec, TaskFailure
+from .. import outage, protocol, serialization, taskrun
+from ..protocol import ERROR, ChunkPart, ChunkResult, RunKeys, RunSpec, TaskFailure
 from . import state
 
 log = logging.getLogger("doredis.worker")
@@ -18,65 +19,234 @@ _SPEC_CACHE: OrderedDict[str, RunSpec] = OrderedDict()
 _SPEC_CACHE_SIZE = 8
 
 
-def run_chunk(run_id: str, chunk_no: int, start: int) -> None:
-    """Run chunk ``chunk_no`` of run ``run_id`` (its first task has index ``start``)."""
+def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
+    """Run chunk ``chunk_no`` of run ``run_id`` (its first task has index ``start``).
+
+    Tasks that an earlier delivery already made durable (progressive results) are not run
+    again. Returns rq's ``Retry`` when the worker is stopping and its drain deadline cut the
+    chunk short: rq then puts the chunk back at the front of the queue (a hand-back, not a
+    failed delivery), and its next delivery starts where this one stopped.
+    """
     job = get_current_job()
     conn: redis.Redis = job.connection
     keys = RunKeys(run_id)
     worker = state.worker_name()
+    retrying = state.outage(conn).call  # Redis outages are waited out, never a failed chunk
     delivery = (
         protocol.CHUNK_REDELIVERIES - (job.retries_left or 0) + 1 if job.retries_left is not None else 1
     )
 
-    cancelled, left_cursor, items_blob = _read_state(conn, keys, chunk_no)
-    if cancelled:
+    found = retrying(_read_state, conn, keys, chunk_no)
+    if found.cancelled:
         log.info("run %s is cancelled or gone; chunk %d dropped", run_id, chunk_no)
-        return
-    if items_blob is None:  # its result was stored by an earlier delivery, which dropped the items
+        return None
+    if found.items is None:  # its result was stored by an earlier delivery, which dropped the items
         log.info("chunk %d of run %s already has a result; this delivery is dropped", chunk_no, run_id)
-        return
+        return None
 
     items = None
     try:
-        items = serialization.loads(items_blob, f"chunk {chunk_no} of run {run_id}")
-        spec = _load_spec(conn, keys)
+        items = serialization.loads(found.items, f"chunk {chunk_no} of run {run_id}")
+        spec = retrying(_load_spec, conn, keys)
+        done = _Parts.read(conn, keys, chunk_no, start, retrying)
     except Exception as exc:  # a missing module, a refused signature: every task of the chunk fails
         log.error("chunk %d of run %s cannot be loaded: %s: %s", chunk_no, run_id, type(exc).__name__, exc)
-        _publish(conn, keys, _whole_chunk_failed(chunk_no, start, job, worker, exc, items), worker)
-        return
+        failed = _whole_chunk_failed(chunk_no, start, job, worker, exc, items)
+        retrying(_publish, conn, keys, failed, worker)
+        return None
     if spec is None:
         log.info("run %s has no spec (expired or purged); chunk %d dropped", run_id, chunk_no)
-        return
+        return None
+    done.items, done.fn = items, spec.fn  # to name a task whose value does not pickle
 
-    lost: list[int] = []
+    lost: dict[int, str] = {}
     on_task_start = None
-    if delivery > 1:
+    if delivery > 1 or found.cursor is not None or found.draining:
         # Careful mode: an earlier delivery of this chunk died. Record which task is in hand
         # so a task that kills its worker every time is recognised and failed, not looped.
-        lost = _lost_tasks(conn, keys, chunk_no, start, len(items), left_cursor)
-        on_task_start = lambda index: conn.hset(keys.cursor, chunk_no, index)  # noqa: E731
+        lost = retrying(_lost_tasks, conn, keys, chunk_no, start, len(items), delivery, found)
+        on_task_start = lambda index: retrying(_record_in_hand, conn, keys, chunk_no, index)  # noqa: E731
         log.warning("chunk %d of run %s: delivery %d (an earlier worker died)", chunk_no, run_id, delivery)
+    if done.count:
+        log.info(
+            "chunk %d of run %s: %d of its %d tasks are done already; running the rest",
+            chunk_no,
+            run_id,
+            done.count,
+            len(items),
+        )
 
     try:
         result = taskrun.run_tasks(
-            spec, items, start, chunk_no, worker, lost=lost, on_task_start=on_task_start
+            spec,
+            items[done.count :],
+            start + done.count,
+            chunk_no,
+            worker,
+            lost=lost,
+            on_task_start=on_task_start,
+            on_progress=done.writer(conn, retrying),
+            progress_interval=protocol.PROGRESS_INTERVAL,
+            fold=False,
         )
     except BaseException:
         if on_task_start is not None:  # a cold shutdown, not a crash: the task in hand did not kill us
-            conn.hdel(keys.cursor, chunk_no)
+            retrying(conn.hdel, keys.cursor, chunk_no)
         raise
-    _publish(conn, keys, result, worker, items)
+    whole = done.merged(result)
+    if result.interrupted:
+        return _hand_back(conn, keys, whole, done, retrying)
+    retrying(_publish, conn, keys, whole, worker, items, spec)  # folds a reduce run's values
+    return None
 
 
-def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int) -> tuple[bool, int | None, bytes | None]:
-    """(run cancelled or gone, task index a dead delivery left in hand, the chunk's sealed items)."""
+def _hand_back(conn: redis.Redis, keys: RunKeys, whole: ChunkResult, done: _Parts, retrying) -> Retry:
+    """The drain deadline cut the chunk short: make what it did durable and give the rest back."""
+    retrying(done.write, conn, whole.values[done.count :], whole.failures)  # this delivery's tasks
+    retrying(conn.hdel, keys.cursor, whole.chunk_no, protocol.term_field(whole.chunk_no))
+    log.warning(
+        "chunk %d of run %s: the drain deadline passed after %d of its tasks; handing the rest back "
+        "to the queue",
+        whole.chunk_no,
+        keys.run_id,
+        whole.count,
+    )
+    return Retry(max=protocol.HANDBACK_LIMIT, enqueue_at_front=True)
+
+
+def _record_in_hand(conn: redis.Redis, keys: RunKeys, chunk_no: int, index: int) -> None:
+    """Careful mode: note the task about to run, so a death while it runs is attributed to it."""
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.hset(keys.cursor, chunk_no, index)
+        pipe.expire(keys.cursor, protocol.run_ttl())
+        pipe.execute()
+
+
+@dataclass
+class _Found:
+    """What a delivery finds in Redis before it starts."""
+
+    cancelled: bool  # the run is cancelled or gone
+    cursor: int | None  # the task a dead careful-mode delivery had in hand
+    draining: bool  # a delivery died while draining after a stop signal
+    items: bytes | None  # the chunk's sealed items (None: its result is stored)
+
+
+def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int) -> _Found:
     with conn.pipeline(transaction=False) as pipe:
         pipe.exists(keys.cancel)
         pipe.exists(keys.meta)
-        pipe.hget(keys.cursor, chunk_no)
+        pipe.hmget(keys.cursor, [chunk_no, protocol.term_field(chunk_no)])
         pipe.hget(keys.items, chunk_no)
-        cancel, meta, cursor, items = pipe.execute()
-    return bool(cancel) or not meta, (int(cursor) if cursor is not None else None), items
+        cancel, meta, (cursor, term), items = pipe.execute()
+    return _Found(
+        bool(cancel) or not meta, int(cursor) if cursor is not None else None, term is not None, items
+    )
+
+
+class _Parts:
+    """The tasks of a chunk whose results are durable already (progressive results).
+
+    A part covers consecutive tasks; ``read`` joins the parts that continue each other from the
+    chunk's first task (two deliveries can both have written parts: any that leaves a gap ends
+    the prefix, and the tasks after it simply run again).
+    """
+
+    def __init__(self, keys: RunKeys, chunk_no: int, start: int, offsets: list[int], values, failures):
+        self.keys, self.chunk_no, self.start = keys, chunk_no, start
+        self.offsets = offsets
+        self.values: list = values
+        self.failures: dict[int, TaskFailure] = failures
+        self.count = len(values)
+        self._written = self.count  # tasks (from the chunk's start) whose results are durable
+        self.items: list | None = None  # the chunk's items and the run's function, to name a task
+        self.fn = None  # whose value does not pickle
+
+    @classmethod
+    def read(cls, conn: redis.Redis, keys: RunKeys, chunk_no: int, start: int, retrying) -> _Parts:
+        index = retrying(conn.hget, keys.parts, chunk_no)
+        offsets = sorted({int(o) for o in index.split()}) if index else []
+        values: list = []
+        failures: dict[int, TaskFailure] = {}
+        if offsets:
+            blobs = retrying(conn.hmget, keys.parts, [protocol.part_field(chunk_no, o) for o in offsets])
+            for offset, blob in zip(offsets, blobs, strict=True):
+                if blob is None or offset > len(values):
+                    break
+                part: ChunkPart = serialization.loads(
+                    blob, f"a part of chunk {chunk_no} of run {keys.run_id}"
+                )
+                values.extend(part.values[len(values) - offset :])
+                failures.update(part.failures)
+        return cls(keys, chunk_no, start, offsets, values, failures)
+
+    def writer(self, conn: redis.Redis, retrying) -> taskrun.ProgressHook:
+        """The progress hook for the tasks this delivery runs: writes what is new since last time.
+
+        A write that meets a Redis outage is skipped (the next one, or the chunk's result, carries
+        its tasks): progress must never hold the tasks up.
+        """
+
+        def write(values: list, failures: dict) -> None:
+            try:
+                self.write(conn, values, failures)
+            except Exception as exc:
+                if not outage.is_outage(exc):
+                    raise
+                log.info("chunk %d: progress not saved (%s); the tasks go on", self.chunk_no, exc)
+
+        return write
+
+    def write(self, conn: redis.Redis, values: list, failures: dict) -> None:
+        """Make this delivery's ``values`` (and ``failures``) durable, those not written yet."""
+        new_values = values[self._written - self.count :]
+        if not new_values:
+            return
+        offset = self._written
+        end = offset + len(new_values)
+        first, last = self.start + offset, self.start + end
+
+        def part() -> ChunkPart:
+            values_now = values[offset - self.count : end - self.count]
+            return ChunkPart(offset, values_now, {i: f for i, f in failures.items() if first <= i < last})
+
+        try:
+            blob = serialization.dumps(part())
+        except Exception:  # a value that does not pickle fails its task (in place: the result agrees)
+            items = self.items[self.count :] if self.items is not None else None
+            first_index, begin, worker = self.start + self.count, offset - self.count, state.worker_name()
+            if not taskrun.fail_unpicklable(values, failures, first_index, items, worker, self.fn, begin):
+                raise
+            blob = serialization.dumps(part())
+        offsets = sorted(set(self.offsets) | {offset})
+        with conn.pipeline() as pipe:
+            pipe.hset(
+                self.keys.parts,
+                mapping={
+                    protocol.part_field(self.chunk_no, offset): blob,
+                    self.chunk_no: " ".join(map(str, offsets)),
+                },
+            )
+            pipe.expire(self.keys.parts, protocol.run_ttl())
+            pipe.execute()
+        self.offsets = offsets
+        self._written = end
+
+    def merged(self, result: ChunkResult) -> ChunkResult:
+        """The whole chunk: the durable tasks, then those this delivery ran."""
+        if not self.count:
+            return result
+        failures = {**self.failures, **result.failures}
+        return ChunkResult(
+            result.chunk_no,
+            self.start,
+            self.count + result.count,
+            result.worker,
+            self.values + result.values,
+            failures,
+            elapsed=result.elapsed,
+            interrupted=result.interrupted,
+        )
 
 
 def _load_spec(conn: redis.Redis, keys: RunKeys) -> RunSpec | None:
@@ -95,25 +265,36 @@ def _load_spec(conn: redis.Redis, keys: RunKeys) -> RunSpec | None:
 
 
 def _lost_tasks(
-    conn: redis.Redis, keys: RunKeys, chunk_no: int, start: int, count: int, left_cursor: int | None
-) -> list[int]:
-    """Indices of this chunk that killed their worker on MAX_DELIVERIES deliveries.
+    conn: redis.Redis, keys: RunKeys, chunk_no: int, start: int, count: int, delivery: int, found: _Found
+) -> dict[int, str]:
+    """Indices of this chunk that killed their worker on MAX_DELIVERIES deliveries, with the
+    WorkerLost message for each.
 
-    The first delivery of a chunk keeps no cursor (that would cost a round trip per task), so
-    its death is not attributed: a task that the cursor shows in hand at D deaths has been
-    delivered D + 1 times.
+    A delivery that died while draining after SIGTERM (cut off by the grace period) is excused:
+    it blames no task. The first delivery of a chunk keeps no cursor (that would cost a round
+    trip per task), so a death it had is not attributed; it is assumed to be the task now in
+    hand, once.
     """
+    excused = protocol.excused_field(chunk_no)
     with conn.pipeline() as pipe:
-        if left_cursor is not None:
-            pipe.hincrby(keys.deaths, left_cursor, 1)
-            pipe.hdel(keys.cursor, chunk_no)
+        if found.draining:
+            pipe.hincrby(keys.deaths, excused, 1)
+        elif found.cursor is not None:
+            pipe.hincrby(keys.deaths, found.cursor, 1)
+        pipe.hdel(keys.cursor, chunk_no, protocol.term_field(chunk_no))
+        pipe.expire(keys.deaths, protocol.run_ttl())
         pipe.hgetall(keys.deaths)
-        deaths = pipe.execute()[-1]
-    return sorted(
-        int(index)
-        for index, died in deaths.items()
-        if start <= int(index) < start + count and int(died) + 1 >= protocol.MAX_DELIVERIES
-    )
+        raw = pipe.execute()[-1]
+    counts = {k.decode(): int(v) for k, v in raw.items()}
+    in_chunk = {int(k): n for k, n in counts.items() if k.isdigit() and start <= int(k) < start + count}
+    n_excused = counts.get(excused, 0)
+    unattributed = max(0, (delivery - 1) - sum(in_chunk.values()) - n_excused)
+    assumed = min(1, unattributed)
+    return {
+        index: taskrun.lost_message(died + assumed, n_excused)
+        for index, died in sorted(in_chunk.items())
+        if died + assumed >= protocol.MAX_DELIVERIES
+    }
 
 
 def _whole_chunk_failed(
@@ -130,8 +311,15 @@ def _whole_chunk_failed(
     return ChunkResult(chunk_no, start, count, worker, [None] * count, failures)
 
 
-def _publish(conn: redis.Redis, keys: RunKeys, result: ChunkResult, worker: str, items=None) -> None:
-    blob = serialization.dumps(result)
+def _publish(
+    conn: redis.Redis,
+    keys: RunKeys,
+    result: ChunkResult,
+    worker: str,
+    items=None,
+    spec: RunSpec | None = None,
+) -> None:
+    blob = taskrun.seal_result(result, items, spec)  # a task whose value does not pickle fails alone
     limit = state.max_value_bytes()
     if len(blob) > limit:
         reason = (
@@ -143,18 +331,14 @@ def _publish(conn: redis.Redis, keys: RunKeys, result: ChunkResult, worker: str,
     try:
         stored = protocol.publish_result(conn, keys, result.chunk_no, blob, result.count - failed, failed)
     except redis.ResponseError as exc:
+        if outage.is_outage(exc):  # a replica being promoted, a server loading its data
+            raise
         reason = f"Redis refused to store the chunk's results ({len(blob)} bytes): {exc}"
         log.error("chunk %d of run %s: %s", result.chunk_no, keys.run_id, reason)
         small = _all_failed(result, items, "ResultTooLarge", reason)
         failed = len(small.failures)
         stored = protocol.publish_result(conn, keys, result.chunk_no, serialization.dumps(small), 0, failed)
-    with conn.pipeline(transaction=False) as pipe:
-        stats = protocol.worker_stats_key(worker)
-        pipe.hincrby(stats, "chunks", 1)
-        pipe.hincrby(stats, "tasks", result.count)
-        pipe.hincrby(stats, "failures", failed)
-        pipe.expire(stats, protocol.run_ttl())
-        pipe.execute()
+    _count_in_stats(conn, worker, result.count, failed)
     if stored == 0:
         log.info(
             "chunk %d of run %s already had a result; this duplicate was dropped",
@@ -167,6 +351,22 @@ def _publish(conn: redis.Redis, keys: RunKeys, result: ChunkResult, worker: str,
             keys.run_id,
             result.chunk_no,
         )
+
+
+def _count_in_stats(conn: redis.Redis, worker: str, tasks: int, failed: int) -> None:
+    """Add a chunk to the worker's counters for ``doredis status`` (skipped during an outage)."""
+    stats = protocol.worker_stats_key(worker)
+    try:
+        with conn.pipeline(transaction=False) as pipe:
+            pipe.hincrby(stats, "chunks", 1)
+            pipe.hincrby(stats, "tasks", tasks)
+            pipe.hincrby(stats, "failures", failed)
+            pipe.expire(stats, protocol.run_ttl())
+            pipe.execute()
+    except Exception as exc:
+        if not outage.is_outage(exc):
+            raise
+        log.info("worker counters not updated (%s)", exc)
 
 
 def _all_failed(result: ChunkResult, items, exc_type: str, reason: str) -> ChunkResult:

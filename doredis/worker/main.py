@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+
+import redis
+from rq import Worker, worker_registration
 
 from .. import connection, serverinfo
 from ..protocol import DEFAULT_QUEUE
@@ -50,13 +54,15 @@ def run_worker(
         raise connection.NoServerConfigured(
             "doredis worker needs a Redis server: pass --redis URL or set DOREDIS_REDIS_URL"
         )
-    conn = connection.connect(url)
+    state.start_liveness_ticker()
+    # A worker never exits because Redis is unreachable: at start it waits for the server.
+    _stop_cleanly_on_sigterm()
+    conn = connection.wait_until_reachable(url, log=log)
     if unsigned := serverinfo.unsigned_payloads_warning(conn):
         log.warning(unsigned)
     if preload_target:
         preload.run_preload(preload_target)
     worker_class = ForkingDoredisWorker if fork else DoredisWorker
-    worker = worker_class([queue], connection=conn, name=name)
     log.info(
         "worker %s on %s, queue %r (%s)",
         name,
@@ -64,5 +70,39 @@ def run_worker(
         queue,
         "fork per chunk" if fork else "in-process",
     )
-    worker.work(burst=burst, max_jobs=max_chunks, max_idle_time=idle_timeout, logging_level=None)
-    return 0
+    done = 0
+    while True:
+        left = max_chunks - done if max_chunks is not None else None
+        worker = worker_class([queue], connection=conn, name=name)
+        try:
+            worker.work(burst=burst, max_jobs=left, max_idle_time=idle_timeout, logging_level=None)
+        except redis.RedisError as exc:  # rq's own bookkeeping met the outage
+            log.warning("worker %s: Redis failed under rq (%s: %s)", name, type(exc).__name__, exc)
+        done += worker.completed
+        if worker.ended_normally(left):
+            return 0
+        # rq's work loop gave up (a Redis outage found it outside its dequeue loop): wait for
+        # the server, then start over with a fresh rq worker under the same name.
+        log.warning("worker %s: reconnecting to Redis and starting over", name)
+        _stop_cleanly_on_sigterm()
+        conn = connection.wait_until_reachable(conn, log=log)
+        _forget_stale_registration(conn, worker)
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """While the worker waits for Redis (no chunk in hand), a stop signal ends it with exit 0."""
+
+    def stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        log.info("stop signal while waiting for Redis: exiting")
+        raise SystemExit(0)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
+def _forget_stale_registration(conn: redis.Redis, worker: Worker) -> None:
+    """rq refuses to register a worker whose name has a live key: remove what the outage left."""
+    with conn.pipeline() as pipe:
+        pipe.delete(worker.key)
+        worker_registration.unregister(worker, pipe)
+        pipe.execute()

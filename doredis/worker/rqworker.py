@@ -2,8 +2,10 @@
 
 ``DoredisWorker`` subclasses rq's ``SimpleWorker``; ``ForkingDoredisWorker`` subclasses rq's
 forking ``Worker`` for per-chunk process isolation (``--fork``). Both keep a background thread
-that heartbeats the chunk in hand every second (rq's SimpleWorker does not heartbeat during a
-job at all) and sweeps for chunks abandoned by killed workers.
+that every second heartbeats the chunk in hand (rq's SimpleWorker does not heartbeat during a
+job at all), sweeps for chunks abandoned by killed workers, puts the
+worker back in rq's registry if Redis lost it, and enforces the drain deadline after a stop
+signal: a chunk not done by then is cut short after its task in hand and handed back.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import signal
 import threading
 import time
 
+import redis
+from rq import worker_registration
 from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, Worker
 
-from .. import protocol, recovery, serverinfo
+from .. import outage, protocol, recovery, serverinfo, taskrun
 from ..serialization import RQSerializer
 from . import state
 
@@ -25,6 +29,8 @@ log = logging.getLogger("doredis.worker")
 #: rq's own per-job chatter (three lines a chunk) goes here, shown at DEBUG level only.
 rq_log = logging.getLogger("doredis.worker.rq")
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: Sent by the heartbeat thread to the process running the tasks when the drain deadline passes.
+DRAIN_SIGNAL = signal.SIGUSR1
 
 
 class _DoredisMixin:
@@ -42,6 +48,10 @@ class _DoredisMixin:
         self._beat_lock = threading.Lock()
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
+        self._term_marked: str | None = None  # job id whose drain marker is written
+        self.queue_drained = False  # rq's loop ended because the queue was empty (burst) or idle
+        self.stop_signalled = False  # SIGTERM/SIGINT: rq's loop ended (or will) on request
+        self.completed = 0
         state.set_worker_name(self.name)
         os.register_at_fork(after_in_child=self._after_fork_in_child)
 
@@ -75,24 +85,75 @@ class _DoredisMixin:
     def execute_job(self, job, queue):
         try:
             super().execute_job(job, queue)
+            self.completed += 1
         finally:
             with self._beat_lock:
                 self._in_hand = None
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        if result is None:
+            self.queue_drained = True
+        return result
+
+    def ended_normally(self, max_jobs: int | None) -> bool:
+        """Did rq's work loop end as asked (a stop signal, burst, idle, max jobs), not on an error?"""
+        return (
+            self.stop_signalled or self.queue_drained or (max_jobs is not None and self.completed >= max_jobs)
+        )
 
     def _beat_forever(self) -> None:
         last_sweep = 0.0
         while not self._beat_stop.wait(protocol.HEARTBEAT_INTERVAL):
             try:
                 with self._beat_lock:
-                    if self._in_hand is not None:
-                        self.maintain_heartbeats(*self._in_hand)
+                    in_hand = self._in_hand
+                    if in_hand is not None:
+                        self.maintain_heartbeats(*in_hand)
+                if in_hand is not None and state.drain_deadline() is not None:
+                    self._drain(in_hand[0])
                 now = time.monotonic()
                 if now - last_sweep >= protocol.SWEEP_INTERVAL:
                     last_sweep = now
+                    self._stay_registered()
                     for queue in self.queue_names():
                         recovery.sweep_abandoned(self.connection, queue)
-            except Exception as exc:  # Redis hiccups must not kill the heartbeat thread
-                log.warning("heartbeat failed: %s: %s", type(exc).__name__, exc)
+            except Exception as exc:  # Redis outages must not kill the heartbeat thread
+                level = logging.DEBUG if outage.is_outage(exc) else logging.WARNING
+                log.log(level, "heartbeat failed: %s: %s", type(exc).__name__, exc)
+
+    def _drain(self, job) -> None:
+        """Stopping with a chunk in hand: mark its delivery as draining (a death from now on is the
+        grace period's doing, not its task's), and past the deadline cut the chunk short."""
+        ids = protocol.parse_job_id(job.id)
+        if ids is not None and self._term_marked != job.id:
+            run_id, chunk_no = ids
+            cursor = protocol.RunKeys(run_id).cursor
+            with self.connection.pipeline() as pipe:
+                pipe.hset(cursor, protocol.term_field(chunk_no), 1)
+                pipe.expire(cursor, protocol.run_ttl())
+                pipe.execute()
+            self._term_marked = job.id
+        if time.monotonic() >= state.drain_deadline():
+            # Every second until the chunk ends: the task loop may be between tasks, publishing.
+            target = self.horse_pid or os.getpid()
+            try:
+                os.kill(target, DRAIN_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def _stay_registered(self) -> None:
+        """Put this worker back in rq's registry if Redis lost it (a restart without persistence,
+        a failover, FLUSHALL), so that ``doredis status`` and drivers count it again."""
+        queue = self.queue_names()[0]
+        if self.connection.sismember(worker_registration.WORKERS_BY_QUEUE_KEY % queue, self.key):
+            return
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, mapping=self.serialize())
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl + 60)
+            pipe.execute()
+        log.warning("Worker %s: Redis had lost this worker's registration; registered again", self.name)
 
     def bootstrap(self, *args, **kwargs):
         # rq registers the worker here but installs its SIGTERM handler only afterwards: a stop
@@ -101,6 +162,7 @@ class _DoredisMixin:
         self._early_stop = None
         for signum in _STOP_SIGNALS:
             signal.signal(signum, self._note_early_stop)
+        signal.signal(DRAIN_SIGNAL, taskrun.interrupt)
         super().bootstrap(*args, **kwargs)
         # rq's bootstrap sets "rq.worker" to INFO; a --fork child logs through it.
         logging.getLogger("rq.worker").setLevel(rq_log.getEffectiveLevel())
@@ -122,7 +184,18 @@ class _DoredisMixin:
 
     def teardown(self):
         self._beat_stop.set()
-        super().teardown()
+        try:
+            super().teardown()
+        except redis.RedisError as exc:  # an outage: rq's registration expires by itself
+            log.info("Worker %s: could not unregister (%s)", self.name, exc)
+
+    def set_shutdown_requested_date(self):
+        # Called from the stop signal's handler, in the middle of whatever the main thread does:
+        # a Redis outage here must not become an exception inside a task.
+        try:
+            super().set_shutdown_requested_date()
+        except redis.RedisError as exc:
+            log.info("Worker %s: could not record the stop request in Redis (%s)", self.name, exc)
 
     def _learn_value_limit(self) -> None:
         try:  # a refused CONFIG (an ACL, managed Redis) is logged once and keeps the default
@@ -149,8 +222,13 @@ class _DoredisMixin:
         raise SystemExit(1)
 
     def handle_warm_shutdown_request(self):
+        self.stop_signalled = True
+        state.begin_drain(time.monotonic())
         log.info(
-            "Worker %s: warm shutdown requested: finishing the chunk in hand, taking no new one", self.name
+            "Worker %s: warm shutdown requested: finishing the chunk in hand (for up to %g s, then the "
+            "rest goes back to the queue), taking no new one",
+            self.name,
+            state.drain_timeout(),
         )
 
 

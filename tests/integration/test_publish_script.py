@@ -44,3 +44,16 @@ def test_publish_result_for_a_finished_run_is_dropped_on_real_redis(conn, state)
         assert not conn.exists(keys.results) and not conn.exists(keys.notify)
     finally:
         conn.delete(*keys.all())
+
+
+def test_publishing_a_chunk_removes_its_parts_and_drain_marker_but_not_others(conn):
+    keys = RunKeys(protocol.new_run_id())
+    conn.hset(keys.meta, mapping={"state": "running", "done": 0, "failed": 0})
+    conn.hset(keys.parts, mapping={"0": "0 3", "0:0": b"a", "0:3": b"b", "1": "0", "1:0": b"c"})
+    conn.hset(keys.cursor, mapping={"0": 4, protocol.term_field(0): 1, protocol.term_field(1): 1})
+    try:
+        assert _publish(conn, keys, 0, b"whole chunk", 5, 0) == 1
+        assert sorted(conn.hkeys(keys.parts)) == [b"1", b"1:0"]
+        assert conn.hkeys(keys.cursor) == [protocol.term_field(1).encode()]
+    finally:
+        conn.delete(*keys.all())

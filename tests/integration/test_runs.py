@@ -114,11 +114,21 @@ def test_tasks_wait_for_a_worker(redis_url, queue, workers, conn, caplog):
     assert conn.llen(queue_key) == 0
 
 
-@pytest.mark.timeout(30)
-def test_a_chunk_that_vanishes_from_redis_is_reported_not_waited_for(redis_url, queue, conn):
+@pytest.mark.timeout(60)
+def test_a_chunk_that_vanishes_from_redis_is_submitted_again_by_its_driver(redis_url, queue, conn, workers):
     from rq.job import Job
 
     run = doredis.submit(range(4), tasks.square, chunk_size=2, redis=redis_url, queue=queue)
     conn.delete(Job.key_for(protocol.job_id(run.id, 1)))  # as maxmemory eviction or a FLUSH would
+    workers.start(1)
+    assert run.results() == [0, 1, 4, 9]
+
+
+@pytest.mark.timeout(30)
+def test_a_chunk_that_vanishes_is_reported_to_an_attached_driver_not_waited_for(redis_url, queue, conn):
+    from rq.job import Job
+
+    run = doredis.submit(range(4), tasks.square, chunk_size=2, redis=redis_url, queue=queue)
+    conn.delete(Job.key_for(protocol.job_id(run.id, 1)))
     with pytest.raises(RuntimeError, match="vanished"):
-        run.results()
+        doredis.attach(run.id, redis=redis_url).results()
