@@ -3,10 +3,15 @@
 This is the only module that spells a Redis key name. Both halves import it, so a
 change to the layout is made once.
 
-Keys of one run (``<id>`` is the run id, a 16-hex-digit string; all keys expire with the run TTL):
+Keys of one run (``<id>`` is the run id, a 16-hex-digit string; every key expires with the run
+TTL, and whoever writes a key gives it that TTL, or writes it only where it exists):
 
 =================================  ======  ====================================================
-``doredis:run:<id>:meta``          hash    queue, total, chunks, state, created, options
+``doredis:run:<id>:meta``          hash    queue, total, chunks, state, created, options, done,
+                                           failed; once the run ends, its summary: state ``done``
+                                           (TTL 1 h), ``cancelled`` or ``failed`` (with
+                                           ``failed_task``, ``failure``, ``ended``; run TTL), when
+                                           every other key of the run is deleted (END_RUN)
 ``doredis:run:<id>:spec``          string  the signed, cloudpickled :class:`RunSpec` (the user's
                                            function travels once per run, not once per task)
 ``doredis:run:<id>:items``         hash    chunk number -> signed, pickled list of the chunk's items
@@ -20,19 +25,24 @@ Keys of one run (``<id>`` is the run id, a 16-hex-digit string; all keys expire 
                                            results): ``<chunk>:<offset>`` -> signed, pickled
                                            :class:`ChunkPart`; ``<chunk>`` -> the parts' offsets
                                            (deleted with the chunk's result)
-``doredis:run:<id>:cursor``        hash    ``<chunk>`` -> task index in hand (careful mode only);
+``doredis:run:<id>:cursor``        hash    ``<chunk>`` -> task index in hand (careful mode only:
+                                           a chunk's first delivery records none);
                                            ``<chunk>:term`` -> set while the delivery in hand
                                            drains after a stop signal (its death is excused)
-``doredis:run:<id>:deaths``        hash    task index -> deliveries that died with it in hand;
+``doredis:run:<id>:deaths``        hash    task index -> deliveries that died with it recorded in
+                                           hand (a death with no cursor blames no task);
                                            ``x<chunk>`` -> deliveries excused (stopped by SIGTERM)
-``doredis:run:<id>:cancel``        string  present once the run is cancelled
-``doredis:runs:<queue>``           zset    run id -> creation time, for ``status`` and ``purge``
+``doredis:run:<id>:cancel``        string  present once the run is cancelled or failed
+``doredis:runs:<queue>``           zset    run id -> creation time, for ``status`` and ``purge``;
+                                           entries older than the run TTL are pruned and the zset
+                                           expires with its newest run (PRUNE_RUNS)
 ``doredis:worker:<name>``          hash    chunks, tasks, failures of one worker (with a TTL)
 =================================  ======  ====================================================
 
 Chunks travel as rq jobs (one job per chunk) on rq's own queue list ``rq:queue:<queue>``, so
 ``rq info`` and rq-dashboard see them; the job id is ``dr-<id>-<chunk>`` and its arguments are
-``(run id, chunk number, index of its first task)``.
+``(run id, chunk number, index of its first task)``. A run's queued jobs are taken out in one
+pass over the queue whatever the run's size (REMOVE_RUN_JOBS, by the prefix ``dr-<id>-``).
 """
 
 from __future__ import annotations
@@ -73,6 +83,17 @@ SUBMITTING = "submitting"
 RUNNING = "running"
 DONE = "done"
 CANCELLED = "cancelled"
+#: The gather stopped on a failure (``errors="raise"`` met a TaskError, or another error): like
+#: CANCELLED, the run's data is freed at once and only the meta stays, as a summary.
+FAILED = "failed"
+
+# meta fields written when a run ends early (``done`` and ``failed`` count the tasks published)
+#: the index of the task whose failure stopped the run (when it was a task's)
+META_FAILED_TASK = "failed_task"
+#: one line saying what stopped the run
+META_FAILURE = "failure"
+#: when the run ended (a Unix time)
+META_ENDED = "ended"
 
 JOB_FUNCTION = "doredis.worker.chunk.run_chunk"
 
@@ -89,6 +110,11 @@ def queue_list_key(queue: str) -> str:
 
 def job_id(run_id: str, chunk_no: int) -> str:
     return f"dr-{run_id}-{chunk_no}"
+
+
+def job_id_prefix(run_id: str) -> str:
+    """What every job id of run ``run_id`` starts with (no other run's job id does)."""
+    return f"dr-{run_id}-"
 
 
 def parse_job_id(jid: str) -> tuple[str, int] | None:
@@ -156,6 +182,11 @@ class RunKeys:
             self.deaths,
             self.cancel,
         ]
+
+    def data(self) -> list[str]:
+        """The keys that hold the run's data: every key but the meta (its summary) and the cancel
+        marker. A run that ends early (cancelled, failed) deletes them at once (END_RUN)."""
+        return [key for key in self.all() if key not in (self.meta, self.cancel)]
 
     def all_but(self, keep: str) -> list[str]:
         """Every key of the run except ``keep`` (to delete a run while leaving one marker behind)."""
@@ -258,26 +289,35 @@ class ChunkPart:
 
 #: Stores a chunk's result once: KEYS = results, notify, meta, items, cursor, parts;
 #: ARGV = chunk, blob, ok, failed, ttl. Returns 1 when stored, 0 when a result for that chunk
-#: was already there (a duplicate run), -1 when the run is gathered, cancelled or expired (or
-#: its state is gone: the driver then submits the chunk again). The chunk's items, cursor,
-#: drain marker and progressive parts go with it.
+#: was already there (a duplicate run), -1 when the run is gathered, cancelled, failed or expired
+#: (or its state is gone: the driver then submits the chunk again). The chunk's items, cursor,
+#: drain marker and progressive parts go with it; when the run has ended they go too (this
+#: delivery may have written parts or a cursor after the run ended), so nothing of an ended run
+#: is left or re-created.
 PUBLISH_RESULT = """
+local function drop_chunk_state()
+  redis.call('HDEL', KEYS[4], ARGV[1])
+  redis.call('HDEL', KEYS[5], ARGV[1], ARGV[1] .. ':term')
+  local offsets = redis.call('HGET', KEYS[6], ARGV[1])
+  if offsets then
+    for offset in string.gmatch(offsets, '%d+') do
+      redis.call('HDEL', KEYS[6], ARGV[1] .. ':' .. offset)
+    end
+    redis.call('HDEL', KEYS[6], ARGV[1])
+  end
+end
 local state = redis.call('HGET', KEYS[3], 'state')
-if state == false or state == 'done' or state == 'cancelled' then
+if state == false then
+  return -1
+end
+if state == 'done' or state == 'cancelled' or state == 'failed' then
+  drop_chunk_state()
   return -1
 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
-redis.call('HDEL', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[5], ARGV[1], ARGV[1] .. ':term')
-local offsets = redis.call('HGET', KEYS[6], ARGV[1])
-if offsets then
-  for offset in string.gmatch(offsets, '%d+') do
-    redis.call('HDEL', KEYS[6], ARGV[1] .. ':' .. offset)
-  end
-  redis.call('HDEL', KEYS[6], ARGV[1])
-end
+drop_chunk_state()
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'done', ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'failed', ARGV[4])
@@ -295,6 +335,136 @@ def publish_result(conn, keys: RunKeys, chunk_no: int, blob: bytes, ok: int, fai
         keys=[keys.results, keys.notify, keys.meta, keys.items, keys.cursor, keys.parts],
         args=[chunk_no, blob, ok, failed, run_ttl()],
     )
+
+
+#: Ends a run early (cancelled, or failed): KEYS = meta, cancel marker, then the run's data keys
+#: (``RunKeys.data()``); ARGV = state, ttl, then field, value pairs for the meta. The data keys
+#: (results, items, parts, spec, notify, cursor, deaths) are deleted at once, whatever the state.
+#: Then, when the meta exists and the run has not ended yet, the meta gets the state and the
+#: fields and, like the cancel marker set now, the TTL: the meta stays as the run's summary.
+#: Returns 1 when the run was ended now, 2 when it had ended already (the first end stays), 0 when
+#: it has no meta (expired, purged, never stored): then nothing is written, so nothing is
+#: re-created without its TTL.
+END_RUN = """
+redis.call('DEL', unpack(KEYS, 3))
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == false then
+  return 0
+end
+if state == 'done' or state == 'cancelled' or state == 'failed' then
+  return 2
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+return 1
+"""
+
+
+def end_run(conn, keys: RunKeys, state: str, fields: dict[str, str | int | float] | None = None) -> int:
+    """Run END_RUN: end the run in ``state`` (CANCELLED or FAILED); see there for the return value."""
+    if state not in (CANCELLED, FAILED):
+        raise ValueError(f"a run ends early as {CANCELLED!r} or {FAILED!r}, not {state!r}")
+    pairs = [part for name, value in (fields or {}).items() for part in (name, value)]
+    script = conn.register_script(END_RUN)
+    return int(script(keys=[keys.meta, keys.cancel, *keys.data()], args=[state, run_ttl(), *pairs]))
+
+
+#: Writes fields of a live run's meta: KEYS = meta; ARGV = field, value pairs. Nothing is written
+#: when the meta is gone (expired, purged, lost by Redis) or the run has ended (done, cancelled,
+#: failed), so a late writer (a background submitter, say) neither re-creates a meta without its
+#: TTL nor revives an ended run. Returns 1 when written, 0 when not.
+UPDATE_META = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == false or state == 'done' or state == 'cancelled' or state == 'failed' then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+def update_meta(client, keys: RunKeys, fields: dict[str, str | int | float]) -> Any:
+    """Run UPDATE_META on ``client`` (a connection, or a pipeline: then its reply comes with the
+    pipeline's)."""
+    pairs = [part for name, value in fields.items() for part in (name, value)]
+    if not pairs:
+        raise ValueError("update_meta needs at least one field")
+    return client.register_script(UPDATE_META)(keys=[keys.meta], args=pairs, client=client)
+
+
+#: Job ids a queue pass handles per LPOP (and LRANGE) call.
+QUEUE_BATCH = 1000
+
+#: Takes every queued job of one run out of an rq queue list in one pass, whatever the run's size
+#: (an LREM per chunk would scan the whole list once per chunk, blocking Redis for a big run):
+#: KEYS = the queue list; ARGV = the run's job id prefix, batch. The list is read once to find
+#: the run's jobs; when there are none nothing is written, when there is one an LREM takes it,
+#: else the list is rotated once (LPOP a batch from the head, RPUSH back what is not the run's),
+#: so the other jobs keep their order. Only LLEN, LRANGE, LPOP, RPUSH and LREM: the ACL the
+#: README documents allows them. Returns the removed job ids.
+REMOVE_RUN_JOBS = """
+local prefix, batch = ARGV[1], tonumber(ARGV[2])
+local n = redis.call('LLEN', KEYS[1])
+local found = {}
+for first = 0, n - 1, batch do
+  for _, jid in ipairs(redis.call('LRANGE', KEYS[1], first, first + batch - 1)) do
+    if string.sub(jid, 1, #prefix) == prefix then
+      found[#found + 1] = jid
+    end
+  end
+end
+if #found == 0 then
+  return found
+end
+if #found == 1 then
+  redis.call('LREM', KEYS[1], 1, found[1])
+  return found
+end
+local removed = {}
+local left = n
+while left > 0 do
+  local popped = redis.call('LPOP', KEYS[1], math.min(batch, left))
+  if not popped then
+    break
+  end
+  left = left - #popped
+  local kept = {}
+  for _, jid in ipairs(popped) do
+    if string.sub(jid, 1, #prefix) == prefix then
+      removed[#removed + 1] = jid
+    else
+      kept[#kept + 1] = jid
+    end
+  end
+  if #kept > 0 then
+    redis.call('RPUSH', KEYS[1], unpack(kept))
+  end
+end
+return removed
+"""
+
+
+def remove_run_jobs(conn, queue: str, run_id: str) -> list[str]:
+    """Run REMOVE_RUN_JOBS on ``queue``: the ids of the run's jobs it took out of the queue."""
+    script = conn.register_script(REMOVE_RUN_JOBS)
+    removed = script(keys=[queue_list_key(queue)], args=[job_id_prefix(run_id), QUEUE_BATCH])
+    return [jid.decode() if isinstance(jid, bytes) else jid for jid in removed]
+
+
+#: Prunes a queue's runs index: KEYS = ``runs_key(queue)``; ARGV = now, ttl. Removes the entries
+#: (scored by creation time) older than the run TTL, whose runs have expired, then gives the index
+#: the TTL of its newest run, so an index nobody submits to any more goes too. Returns how many
+#: entries it removed.
+PRUNE_RUNS = """
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('(%.6f', now - ttl))
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if newest[2] then
+  redis.call('EXPIRE', KEYS[1], math.max(1, math.ceil(tonumber(newest[2]) + ttl - now)))
+end
+return removed
+"""
 
 
 def run_ttl() -> int:

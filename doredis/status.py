@@ -47,8 +47,17 @@ def connected_workers(conn: redis.Redis, queue: str) -> int:
     return Worker.count(connection=conn, queue=Queue(queue, connection=conn))
 
 
+def prune_runs_index(conn: redis.Redis, queue: str) -> int:
+    """Drop the entries of ``queue``'s runs index older than the run TTL (their runs have expired)
+    and give the index the TTL of its newest run (so an index nobody submits to any more expires
+    too). Call it after adding an entry, and before reading the index. Returns entries removed."""
+    script = conn.register_script(protocol.PRUNE_RUNS)
+    return int(script(keys=[protocol.runs_key(queue)], args=[time.time(), protocol.run_ttl()]))
+
+
 def queue_status(conn: redis.Redis, queue: str) -> QueueStatus:
     q = Queue(queue, connection=conn, serializer=RQSerializer)
+    prune_runs_index(conn, queue)
     runs = []
     now = time.time()
     for run_id, created in conn.zrange(protocol.runs_key(queue), 0, -1, withscores=True):

@@ -64,7 +64,7 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
     if delivery > 1 or found.cursor is not None or found.draining:
         # Careful mode: an earlier delivery of this chunk died. Record which task is in hand
         # so a task that kills its worker every time is recognised and failed, not looped.
-        lost = retrying(_lost_tasks, conn, keys, chunk_no, start, len(items), delivery, found)
+        lost = retrying(_lost_tasks, conn, keys, chunk_no, start, len(items), found)
         on_task_start = lambda index: retrying(_record_in_hand, conn, keys, chunk_no, index)  # noqa: E731
         log.warning("chunk %d of run %s: delivery %d (an earlier worker died)", chunk_no, run_id, delivery)
     if done.count:
@@ -265,15 +265,18 @@ def _load_spec(conn: redis.Redis, keys: RunKeys) -> RunSpec | None:
 
 
 def _lost_tasks(
-    conn: redis.Redis, keys: RunKeys, chunk_no: int, start: int, count: int, delivery: int, found: _Found
+    conn: redis.Redis, keys: RunKeys, chunk_no: int, start: int, count: int, found: _Found
 ) -> dict[int, str]:
     """Indices of this chunk that killed their worker on MAX_DELIVERIES deliveries, with the
     WorkerLost message for each.
 
-    A delivery that died while draining after SIGTERM (cut off by the grace period) is excused:
-    it blames no task. The first delivery of a chunk keeps no cursor (that would cost a round
-    trip per task), so a death it had is not attributed; it is assumed to be the task now in
-    hand, once.
+    A task is blamed only for deaths that happened while it was in hand: the death of the
+    delivery before this one counts against the task its cursor names (careful mode records the
+    task in hand). A delivery that died while draining after SIGTERM (cut off by the grace
+    period) is excused. A delivery that left no cursor (a chunk's first delivery keeps none: that
+    would cost a round trip per task) had an unattributed death, an unrelated kill as likely as a
+    crash: it blames no task, so a poison task crashes its worker once unattributed, then
+    MAX_DELIVERIES times with it in hand.
     """
     excused = protocol.excused_field(chunk_no)
     with conn.pipeline() as pipe:
@@ -288,12 +291,10 @@ def _lost_tasks(
     counts = {k.decode(): int(v) for k, v in raw.items()}
     in_chunk = {int(k): n for k, n in counts.items() if k.isdigit() and start <= int(k) < start + count}
     n_excused = counts.get(excused, 0)
-    unattributed = max(0, (delivery - 1) - sum(in_chunk.values()) - n_excused)
-    assumed = min(1, unattributed)
     return {
-        index: taskrun.lost_message(died + assumed, n_excused)
+        index: taskrun.lost_message(died, n_excused)
         for index, died in sorted(in_chunk.items())
-        if died + assumed >= protocol.MAX_DELIVERIES
+        if died >= protocol.MAX_DELIVERIES
     }
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import tasks
+import tasks_lifecycle
 from helpers import wait_until
 
 import doredis
@@ -92,40 +95,75 @@ def test_workers_added_mid_run_take_tasks_quickly_and_speed_it_up(redis_url, que
     assert elapsed < 0.8 * 200 * 0.05, f"run took {elapsed:.1f} s"
 
 
-@pytest.mark.timeout(150)
-def test_task_that_kills_its_worker_every_time_fails_with_worker_lost(redis_url, queue, workers, conn):
-    fn = functools.partial(tasks.exit_on, poison=3)
-    workers.start(2)
+@contextlib.contextmanager
+def _supervised(workers, env: dict[str, str] | None = None) -> Iterator[None]:
+    """What a Deployment or compose's restart policy does: replace dead workers, while in the block."""
     stop = threading.Event()
 
-    def supervise() -> None:  # what a Deployment or compose's restart policy does: replace dead workers
+    def supervise() -> None:
         while not stop.is_set():
             dead = [
                 p for p in workers.processes if p.poll() is not None and not getattr(p, "replaced", False)
             ]
             for p in dead:
                 p.replaced = True
-                workers.start(1, wait=False)
+                workers.start(1, env=env, wait=False)
             stop.wait(0.1)
 
     supervisor = threading.Thread(target=supervise, daemon=True)
     supervisor.start()
     try:
-        results = doredis.parallel_foreach(
-            range(8), fn, chunk_size=2, errors="return", redis=redis_url, queue=queue
-        )
+        yield
     finally:
         stop.set()
         supervisor.join()
+
+
+@pytest.mark.timeout(150)
+def test_task_that_kills_its_worker_every_time_fails_with_worker_lost(redis_url, queue, workers, conn):
+    fn = functools.partial(tasks.exit_on, poison=3)
+    workers.start(2)
+    with _supervised(workers):
+        results = doredis.parallel_foreach(
+            range(8), fn, chunk_size=2, errors="return", redis=redis_url, queue=queue
+        )
     assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
     lost = results[3]
     assert isinstance(lost, doredis.WorkerLost)
     assert lost.index == 3
-    assert "3" in str(lost)
+    assert f"each of {protocol.MAX_DELIVERIES} deliveries" in str(lost)
     crashed = sum(1 for p in workers.processes if p.poll() not in (None, 0) and p.returncode != -15)
-    assert crashed == protocol.MAX_DELIVERIES, (
-        "the poison task should be delivered exactly MAX_DELIVERIES times"
+    # the chunk's first delivery keeps no cursor, so its crash blames no task; then MAX_DELIVERIES
+    # careful deliveries crash with the poison task recorded in hand
+    assert crashed == protocol.MAX_DELIVERIES + 1, (
+        "the poison task should crash its worker once unattributed, then MAX_DELIVERIES times in hand"
     )
+
+
+@pytest.mark.timeout(150)
+def test_an_unrelated_kill_is_not_blamed_on_the_next_task(redis_url, queue, workers, conn):
+    """A node drain SIGKILLs the chunk's first delivery while task A runs; then task B of the same
+    chunk kills its worker on every delivery. B fails as WorkerLost only after MAX_DELIVERIES
+    deaths with B in hand (the unrelated kill blames nobody), and A succeeds."""
+    env = {"DOREDIS_HEARTBEAT_TTL": "2"}
+    key = f"exec:{queue}"
+    fn = functools.partial(
+        tasks_lifecycle.record_or_exit, redis_url=redis_url, key=key, poison=1, seconds=1.5
+    )
+    (first,) = workers.start(1, env=env)
+    run = doredis.submit(range(2), fn, chunk_size=2, errors="return", redis=redis_url, queue=queue)
+    wait_until(lambda: conn.llen(key) >= 1, 20, "task A to start")
+    with _supervised(workers, env):
+        first.kill()  # unrelated to task A or B
+        results = run.results()
+    starts = [int(entry.split(b":")[0]) for entry in conn.lrange(key, 0, -1)]
+    assert results[0] == 0
+    lost = results[1]
+    assert isinstance(lost, doredis.WorkerLost) and lost.index == 1
+    assert f"each of {protocol.MAX_DELIVERIES} deliveries" in str(lost)
+    assert starts.count(1) == protocol.MAX_DELIVERIES, starts
+    crashed = [p.returncode for p in workers.processes if p.poll() not in (None, 0, -15)]
+    assert sorted(crashed) == [-9] + [1] * protocol.MAX_DELIVERIES, crashed
 
 
 @pytest.mark.timeout(60)
