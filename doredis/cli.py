@@ -190,14 +190,20 @@ def status(redis_url, queue, watch) -> None:
 @click.option("--redis", "redis_url", envvar=["DOREDIS_REDIS_URL", "REDIS_URL"], help=REDIS_HELP)
 def cancel(run_id, redis_url) -> None:
     """Cancel a run: queued chunks are removed, chunks in progress are dropped."""
-    from .driver.api import attach
+    from . import protocol
+    from .driver.options import RunOptions
+    from .driver.run import Run
 
-    _client(redis_url)
-    try:
-        run = attach(run_id, redis=connection.resolve_url(redis_url))
-    except (LookupError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    removed = run.cancel()
+    conn = _client(redis_url)
+    meta = {k.decode(): v.decode() for k, v in conn.hgetall(protocol.RunKeys(run_id).meta).items()}
+    if not meta:
+        raise click.ClickException(
+            f"no run {run_id!r} on this Redis server (wrong id or server, or its TTL expired)"
+        )
+    if meta.get("state") in (protocol.DONE, protocol.FAILED, protocol.CANCELLED):
+        raise click.ClickException(f"run {run_id} has already ended: {meta['state']}")
+    # Not through attach: a run its driver is still streaming in can be cancelled too.
+    removed = Run(conn, run_id, RunOptions(queue=meta.get("queue", DEFAULT_QUEUE))).cancel()
     click.echo(f"run {run_id} cancelled; {removed} queued chunks removed")
 
 

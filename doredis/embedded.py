@@ -150,15 +150,20 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def stop_process(process: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM ``process``, and SIGKILL it if it has not exited ``grace`` seconds later."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def worker_command(redis_url: str, queue: str = DEFAULT_QUEUE, *extra: str) -> list[str]:

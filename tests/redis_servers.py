@@ -22,7 +22,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from doredis.embedded import find_redis_server, free_port, wait_for
+from doredis.embedded import find_redis_server, free_port, stop_process, wait_for
 
 #: Polls and checks fail fast: redis-py's clients built from host and port retry with backoff.
 NO_RETRY = Retry(NoBackoff(), 0)
@@ -61,13 +61,7 @@ class ServerProcess:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._log.close()
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import redis as redis_py
 
 from .. import connection, embedded, protocol, serialization
+from ..errors import RunCancelled
 from ..protocol import DEFAULT_QUEUE, RunKeys
 from .options import RunOptions, validate
 from .run import Run
@@ -107,6 +108,14 @@ def attach(run_id: str, *, redis: str | redis_py.Redis | None = None, progress: 
     meta = {k.decode(): v.decode() for k, v in conn.hgetall(keys.meta).items()}
     if not meta:
         raise LookupError(f"no run {run_id!r} on this Redis server (wrong id or server, or its TTL expired)")
+    if meta.get("state") in (protocol.FAILED, protocol.CANCELLED):
+        raise _ended_early(run_id, meta)
+    if meta.get("streamed") == "1":
+        raise RuntimeError(
+            f"run {run_id} was longer than its submission window, so its driver streamed it: its items "
+            "were submitted, and its results left Redis, as that driver consumed them. It cannot be "
+            "gathered from another process; submit it again (or raise DOREDIS_WINDOW for such runs)"
+        )
     if meta.get("state") == protocol.SUBMITTING:
         raise RuntimeError(
             f"run {run_id} was never completely submitted (its driver died while submitting); submit it again"
@@ -124,3 +133,19 @@ def attach(run_id: str, *, redis: str | redis_py.Redis | None = None, progress: 
         reduce=reduce,
     )
     return Run(conn, run_id, options)
+
+
+def _ended_early(run_id: str, meta: dict[str, str]) -> RunCancelled:
+    """What ``attach`` raises for a run that failed or was cancelled: its data left Redis then, and
+    only its summary (the meta) is left."""
+    counts = f"{meta.get('done', 0)} tasks done, {meta.get('failed', 0)} failed"
+    if meta.get("state") == protocol.FAILED:
+        failure = meta.get(protocol.META_FAILURE) or "an error stopped its gather"
+        return RunCancelled(
+            f"run {run_id} failed ({counts}) and was cancelled then: {failure}. Its results and "
+            "items left Redis at that moment; there is nothing to gather"
+        )
+    return RunCancelled(
+        f"run {run_id} was cancelled ({counts}); its results and items left Redis then, so there is "
+        "nothing to gather"
+    )

@@ -75,6 +75,11 @@ class Collector:
                 self._acc.append(value)
 
     @property
+    def released(self) -> int:
+        """How many chunks' results the caller has been given (or that were folded)."""
+        return self._next_chunk if self.options.ordered else len(self.seen)
+
+    @property
     def reduced(self) -> Any:
         """The folded value of a ``reduce`` run (None when no task produced a value)."""
         return self._acc[0] if self._acc else None

@@ -14,9 +14,16 @@ def wanted(progress: bool | None) -> bool:
     return sys.stderr.isatty()
 
 
+class _Silent(tqdm):
+    """A disabled bar that starts no monitor thread (tqdm starts one for disabled bars too)."""
+
+    monitor_interval = 0
+
+
 class ProgressBar:
     def __init__(self, enabled: bool, total: int | None, run_id: str) -> None:
-        self.bar = tqdm(
+        kind = tqdm if enabled else _Silent
+        self.bar = kind(
             total=total, unit="task", file=sys.stderr, disable=not enabled, desc=f"doredis {run_id}"
         )
         self._workers: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,7 @@ import redis
 from rq.job import Job
 
 from .. import connection, outage, protocol, recovery, serialization
-from ..errors import RedisOutage, RunCancelled
+from ..errors import RedisOutage, RunCancelled, TaskError
 from ..outage import Outage
 from ..protocol import ERROR, LOST, ChunkResult, RunKeys, TaskFailure
 from ..serialization import RQSerializer
@@ -32,21 +33,36 @@ _BATCH = 256
 _CHECK_BATCH = 1000
 
 
-def remove_queued_chunks(conn: redis.Redis, queue: str, run_id: str, chunks: int) -> int:
-    """Take a run's chunks that no worker has started out of the queue; returns how many.
+def remove_queued_chunks(conn: redis.Redis, queue: str, run_id: str, chunks: int | None = None) -> int:
+    """Take a run's chunks that no worker has started out of the queue, with their rq jobs;
+    returns how many.
 
-    A chunk in progress keeps its rq job (rq needs it to finish); the worker drops the
-    result because the run is cancelled.
+    One pass over the queue whatever the run's size (``protocol.REMOVE_RUN_JOBS`` finds the run's
+    jobs by their id prefix, so ``chunks`` is not needed). A chunk in progress keeps its rq job
+    (rq needs it to finish); the worker drops the result because the run has ended.
     """
-    queue_key = protocol.queue_list_key(queue)
-    jids = [protocol.job_id(run_id, chunk_no) for chunk_no in range(chunks)]
-    with conn.pipeline(transaction=False) as pipe:
-        for jid in jids:
-            pipe.lrem(queue_key, 0, jid)
-        removed = [jid for jid, n in zip(jids, pipe.execute(), strict=True) if n]
+    removed = protocol.remove_run_jobs(conn, queue, run_id)
     if removed:
-        conn.delete(*[Job.key_for(jid) for jid in removed])
+        with conn.pipeline(transaction=False) as pipe:
+            for i in range(0, len(removed), protocol.QUEUE_BATCH):
+                pipe.delete(*[Job.key_for(jid) for jid in removed[i : i + protocol.QUEUE_BATCH]])
+            pipe.execute()
     return len(removed)
+
+
+def _failure(exc: BaseException | None) -> dict[str, str | int] | None:
+    """The meta fields of a run whose gather stopped on ``exc``, or None when that stop is a
+    cancel: the caller left (Ctrl-C, closing the iterator, a deadline) or the run was cancelled."""
+    if not isinstance(exc, Exception) or isinstance(exc, (TimeoutError, RunCancelled)):
+        return None
+    if isinstance(exc, TaskError):
+        text = f"task {exc.index} (item {exc.item}) failed: {exc.exc_type}: {exc.message}"
+        return {protocol.META_FAILED_TASK: exc.index, protocol.META_FAILURE: text[:_FAILURE_CHARS]}
+    return {protocol.META_FAILURE: f"{type(exc).__name__}: {exc}"[:_FAILURE_CHARS]}
+
+
+#: The longest failure text kept in a failed run's summary.
+_FAILURE_CHARS = 500
 
 
 class Run:
@@ -106,20 +122,28 @@ class Run:
         return int(meta.get("done", 0)), int(meta.get("failed", 0)), int(total) if total is not None else None
 
     def _chunks(self) -> int | None:
-        if self.source is not None and self.source.chunks:
-            return self.source.chunks
+        """The run's number of chunks, None while it is still being submitted."""
+        if self.source is not None:
+            return self.source.submitted if self.source.finished else None
         value = self._redis(self.conn.hget, self.keys.meta, "chunks")
         return int(value) if value is not None else None
 
     def cancel(self) -> int:
-        """Stop the run: queued chunks are removed, running ones are dropped. Returns chunks removed."""
-        with self.conn.pipeline() as pipe:
-            pipe.set(self.keys.cancel, 1, ex=protocol.run_ttl())
-            pipe.hset(self.keys.meta, "state", protocol.CANCELLED)
-            pipe.execute()
-        chunks = self._chunks() or int(self.conn.hget(self.keys.meta, "enqueued") or 0)
-        removed = remove_queued_chunks(self.conn, self.options.queue, self.id, chunks)
-        log.info("run %s cancelled: %d queued chunks removed", self.id, removed)
+        """Stop the run: queued chunks are removed, running ones are dropped, and the run's data
+        leaves Redis at once; its meta stays as a summary (state "cancelled", with the run TTL).
+        Returns chunks removed. On a run that has ended (gathered, failed) or expired it changes
+        nothing and re-creates nothing."""
+        return self._end_early(protocol.CANCELLED, {})
+
+    def _end_early(self, state: str, fields: dict[str, str | int]) -> int:
+        """End the run as ``state`` (CANCELLED or FAILED): stop submitting, free its data and keep
+        a summary (``protocol.END_RUN``), then take its queued chunks out. Returns chunks removed."""
+        if self.source is not None:
+            self.source.stop()
+        ended = protocol.end_run(self.conn, self.keys, state, {**fields, protocol.META_ENDED: time.time()})
+        removed = remove_queued_chunks(self.conn, self.options.queue, self.id)
+        if ended == 1:
+            log.info("run %s %s: its data left Redis; %d queued chunks removed", self.id, state, removed)
         return removed
 
     # -- gathering ------------------------------------------------------------------------------
@@ -145,7 +169,9 @@ class Run:
         """Task values as they become ready; a ``TimeoutError`` (and the run cancelled) when one is
         not there by ``deadline`` (a ``time.monotonic()`` value)."""
         for ready in self._iterate(Collector(self.options, self._reduce), deadline):
-            yield from ready
+            ready.reverse()  # popped one by one: no value stays referenced once yielded (bpo-14406)
+            while ready:
+                yield ready.pop()
 
     def _iterate(self, collector: Collector, deadline: float | None = None) -> Iterator[list[Any]]:
         """Lists of task values, as they become ready."""
@@ -159,12 +185,20 @@ class Run:
                 self._failed += len(result.failures)
                 if time.monotonic() - self._last_worker_check > 1:
                     self._check_workers()
-                yield collector.add(result)
+                ready = collector.add(result)
+                del result  # its values leave with `ready` only (bpo-14406)
+                if self.source is not None:
+                    self.source.released(collector.released)  # room in the window for more chunks
+                    if bar.bar.total is None and self.source.finished:
+                        bar.set_total(self.source.total)  # a streamed run's size is known at last
+                yield ready
             finished = True
         except RedisOutage:
             raise  # Redis is gone: the run stays there for attach, nothing to cancel
         except BaseException:
             # A task error in "raise" mode, Ctrl-C, or the caller leaving imap early: stop the workers.
+            if self.source is not None:
+                self.source.stop()
             if not finished:
                 self._cancel_quietly()
             raise
@@ -172,11 +206,19 @@ class Run:
             bar.close()
         self._redis(self._finish, collector)
 
-    def _cancel_quietly(self) -> None:
-        try:
-            self.cancel()  # once: whoever is leaving (Ctrl-C, an error) must not wait out an outage
-        except redis.RedisError as exc:
-            log.warning("could not cancel run %s: %s", self.id, exc)
+    def _cancel_quietly(self, exc: BaseException | None = None) -> None:
+        """The gather stops early on ``exc`` (by default the exception being handled): end the run,
+        as failed when ``exc`` is a task's error (or another failure), else as cancelled."""
+        if exc is None:
+            exc = sys.exc_info()[1]
+        failure = _failure(exc)
+        try:  # once: whoever is leaving (Ctrl-C, an error) must not wait out an outage
+            if failure is None:
+                self.cancel()
+            else:
+                self._end_early(protocol.FAILED, failure)
+        except redis.RedisError as error:
+            log.warning("could not cancel run %s: %s", self.id, error)
 
     def _finish(self, collector: Collector) -> None:
         """All results are in: free their memory in Redis, keep the summary for ``status``."""
@@ -219,6 +261,8 @@ class Run:
             chunks = self._chunks()
             if chunks is not None and len(seen) >= chunks:
                 return
+            if self.source is not None and self.source.error is not None:
+                raise self.source.error  # the background submission failed (an unpicklable item, ...)
             if self._redis(self.conn.exists, self.keys.cancel):
                 raise RunCancelled(f"run {self.id} was cancelled")
             wait = WAIT_SLICE
@@ -242,7 +286,7 @@ class Run:
         new = [c for c in dict.fromkeys(chunk_nos) if c not in seen]
         if not new:
             return
-        blobs = self._redis(self.conn.hmget, self.keys.results, new)
+        blobs = self._redis(self._take_results, new)
         for chunk_no, blob in zip(new, blobs, strict=True):
             if blob is None:
                 continue
@@ -251,19 +295,29 @@ class Run:
                 self.source.forget(chunk_no)
             yield serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
 
+    def _take_results(self, chunk_nos: list[int]) -> list[bytes | None]:
+        """The stored results of these chunks. A streaming run (longer than its window) frees them
+        in Redis as they are taken, so Redis holds no more than the window's worth."""
+        if self.source is None or not self.source.streaming:
+            return self.conn.hmget(self.keys.results, chunk_nos)
+        with self.conn.pipeline() as pipe:
+            pipe.hmget(self.keys.results, chunk_nos)
+            pipe.hdel(self.keys.results, *chunk_nos)
+            return pipe.execute()[0]
+
     def _health_check(self, seen: set[int]) -> Iterator[ChunkResult]:
         """Nothing arrived for a while (or a while has passed): requeue abandoned chunks, gather
         results whose notification was lost, submit again what Redis lost, report chunks rq gave
         up on."""
         self._redis(recovery.sweep_abandoned, self.conn, self.options.queue)
         self._check_workers()
-        chunks = self._chunks()
+        chunks = self._chunks() if self.source is None else self.source.submitted
         if chunks is None:
             return
         missing = [c for c in range(chunks) if c not in seen]
         if not missing:
             return
-        if not self._redis(self.conn.exists, self.keys.meta):
+        if self._redis(self.conn.hget, self.keys.meta, "state") is None:  # the run's state is gone
             yield from self._fetch(missing, seen)  # a result stored just before the meta went
             lost = [c for c in missing if c not in seen]
             if self.source is None:

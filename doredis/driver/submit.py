@@ -1,24 +1,27 @@
-"""Submitting a run: the function once, then the items chunk by chunk as rq jobs."""
+"""Submitting a run: the function once, then the items chunk by chunk as rq jobs, within the
+submission window (:mod:`doredis.driver.source`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import redis
-from rq import Queue, Retry
+from rq import Queue
 
 from .. import connection, outage, protocol, serialization
 from ..outage import Outage
 from ..protocol import RunKeys
 from ..serialization import RQSerializer
-from ..status import connected_workers
+from ..status import connected_workers, prune_runs_index
 from .chunking import iter_chunks
 from .options import RunOptions
 from .run import Run, remove_queued_chunks
+from .source import RunSource, window_size
 
 log = logging.getLogger("doredis.driver")
 
@@ -53,77 +56,18 @@ def pickle_items(items: list, start: int) -> bytes:
         raise serialization.pickling_error(items, f"the chunk starting at item {start}", exc) from exc
 
 
-class RunSource:
-    """What the driver keeps of a run so that it can submit it again after Redis lost it.
-
-    The driver is the source of truth for unfinished work: it holds each chunk's sealed items
-    until that chunk's result has arrived (memory: the unfinished chunks only), plus the run's
-    spec and meta. When Redis restarts without persistence, fails over to a replica that missed
-    the last writes, or evicts a key, :meth:`restore` writes back what is missing and enqueues
-    the missing chunks again; a chunk that then runs twice is still delivered once.
-    """
-
-    def __init__(self, run_id: str, queue: str, spec_blob: bytes, meta: dict) -> None:
-        self.run_id = run_id
-        self.keys = RunKeys(run_id)
-        self.queue = queue
-        self.spec_blob = spec_blob
-        self.meta = meta
-        self.unfinished: dict[int, tuple[int, int, bytes]] = {}  # chunk -> (start, count, items)
-        self.total = 0
-        self.chunks = 0
-
-    def add(self, chunk_no: int, start: int, count: int, items_blob: bytes) -> None:
-        self.unfinished[chunk_no] = (start, count, items_blob)
-
-    def forget(self, chunk_no: int) -> None:
-        """The chunk's result has arrived: its items are no longer needed."""
-        self.unfinished.pop(chunk_no, None)
-
-    def job_data(self, chunk_no: int):
-        start, count, _ = self.unfinished[chunk_no]
-        return _job_data(self.run_id, chunk_no, start, count, protocol.run_ttl())
-
-    def write_run(self, pipe, state: str, **fields) -> None:
-        """Queue the commands that store the run's meta, spec and index entry on ``pipe``."""
-        ttl = protocol.run_ttl()
-        pipe.hset(self.keys.meta, mapping={**self.meta, "state": state, **fields})
-        pipe.expire(self.keys.meta, ttl)
-        pipe.set(self.keys.spec, self.spec_blob, ex=ttl)
-        pipe.zadd(protocol.runs_key(self.queue), {self.run_id: float(self.meta["created"])})
-
-    def restore(
-        self, conn: redis.Redis, chunk_nos: list[int], *, whole_run: bool, done: int, failed: int
-    ) -> None:
-        """Submit ``chunk_nos`` again (with the run's meta and spec when ``whole_run``)."""
-        chunk_nos = [c for c in chunk_nos if c in self.unfinished]
-        queue = Queue(self.queue, connection=conn, serializer=RQSerializer)
-        with conn.pipeline() as pipe:
-            if whole_run:
-                self.write_run(
-                    pipe,
-                    protocol.RUNNING,
-                    total=self.total,
-                    chunks=self.chunks,
-                    enqueued=self.chunks,
-                    done=done,
-                    failed=failed,
-                )
-            else:
-                pipe.set(self.keys.spec, self.spec_blob, ex=protocol.run_ttl(), nx=True)
-            if chunk_nos:
-                pipe.hset(self.keys.items, mapping={c: self.unfinished[c][2] for c in chunk_nos})
-                pipe.expire(self.keys.items, protocol.run_ttl())
-                queue.enqueue_many([self.job_data(c) for c in chunk_nos], pipeline=pipe)
-            pipe.execute()
-
-
 def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOptions) -> Run:
-    """Store the run, enqueue its chunks while consuming ``items``, and return the Run."""
+    """Store the run and enqueue its chunks while consuming ``items``; return the Run.
+
+    The first window of chunks is enqueued before this returns, so a run that fits in the
+    window is wholly in Redis then (and an unpicklable item in it raises here, with nothing left
+    behind). The rest of a longer input is enqueued by a background thread, as the caller
+    consumes results (see :mod:`doredis.driver.source`).
+    """
     spec_blob = pickle_spec(fn, options)
     run_id = protocol.new_run_id()
-    keys = RunKeys(run_id)
-    queue = Queue(options.queue, connection=conn, serializer=RQSerializer)
+    redis_outage = Outage(connection.describe(conn), log, outage.tolerance())
+    workers = redis_outage.call(connected_workers, conn, options.queue)
     source = RunSource(
         run_id,
         options.queue,
@@ -136,9 +80,8 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
             "reduce": int(options.reduce is not None),
             "driver": f"{socket.gethostname()}:{os.getpid()}",
         },
+        window_size(workers),
     )
-    redis_outage = Outage(connection.describe(conn), log, outage.tolerance())
-    workers = redis_outage.call(connected_workers, conn, options.queue)
 
     def store_run() -> None:
         with conn.pipeline() as pipe:
@@ -146,35 +89,29 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
             pipe.execute()
 
     redis_outage.call(store_run)
-    total = chunk_no = 0
-    batch: list[int] = []
-    flush_at = 1  # the first chunk goes out at once so workers start while the rest is cut
+    redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
+    submitter = _Submitter(conn, source, iter_chunks(items, options.chunk_size, workers), redis_outage)
     try:
-        for chunk in iter_chunks(items, options.chunk_size, workers):
-            source.add(chunk_no, total, len(chunk), pickle_items(chunk, total))
-            batch.append(chunk_no)
-            total += len(chunk)
-            chunk_no += 1
-            if len(batch) >= flush_at:
-                redis_outage.call(_flush, conn, queue, source, batch, chunk_no)
-                batch = []
-                flush_at = min(_MAX_BATCH, flush_at * 2)
-        redis_outage.call(_flush, conn, queue, source, batch, chunk_no)
-        source.total, source.chunks = total, chunk_no
-        redis_outage.call(
-            conn.hset, keys.meta, mapping={"total": total, "chunks": chunk_no, "state": protocol.RUNNING}
-        )
+        submitter.submit(limit=source.window)
+        if submitter.exhausted:
+            submitter.finish()
     except BaseException:
         try:
-            _discard(conn, run_id, chunk_no, options.queue)
+            _discard(conn, run_id, submitter.chunk_no, options.queue)
         except redis.RedisError as exc:
             log.warning("run %s: could not take back its chunks (%s); they expire with the run", run_id, exc)
         raise
+    if not submitter.exhausted:
+        source.streaming = True
+        redis_outage.call(protocol.update_meta, conn, source.keys, {"streamed": 1})
+        threading.Thread(
+            target=submitter.submit_the_rest, name=f"doredis-submit-{run_id}", daemon=True
+        ).start()
     log.info(
-        "run %s: %d tasks in %d chunks on queue %r (%d workers connected)",
+        "run %s: %s tasks in %s chunks on queue %r (%d workers connected)",
         run_id,
-        total,
-        chunk_no,
+        source.total if submitter.exhausted else f"{source.total}+",
+        source.submitted if submitter.exhausted else f"{source.submitted}+",
         options.queue,
         workers,
     )
@@ -185,31 +122,88 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
     return Run(conn, run_id, options, source=source)
 
 
-def _job_data(run_id: str, chunk_no: int, start: int, count: int, ttl: int):
-    return Queue.prepare_data(
-        protocol.JOB_FUNCTION,
-        args=(run_id, chunk_no, start),
-        job_id=protocol.job_id(run_id, chunk_no),
-        timeout=protocol.CHUNK_JOB_TIMEOUT,
-        result_ttl=0,
-        failure_ttl=ttl,
-        ttl=ttl,
-        description=f"doredis run {run_id} chunk {chunk_no} (tasks {start}..{start + count - 1})",
-        meta={"start": start, "count": count},
-        retry=Retry(max=protocol.CHUNK_REDELIVERIES),
-    )
+class _Submitter:
+    """Pickles chunks and enqueues them in growing batches (one round trip each), within the window."""
 
+    def __init__(self, conn: redis.Redis, source: RunSource, chunks: Iterator[list], redis_outage: Outage):
+        self.conn = conn
+        self.source = source
+        self.queue = Queue(source.queue, connection=conn, serializer=RQSerializer)
+        self.chunks = chunks
+        self.outage = redis_outage
+        self.chunk_no = 0  # chunks cut so far
+        self.total = 0  # tasks cut so far
+        self.exhausted = False
+        self._peeked: list | None = None
+        self._flush_at = 1  # the first chunk goes out at once so workers start while the rest is cut
 
-def _flush(conn: redis.Redis, queue: Queue, source: RunSource, batch: list[int], enqueued: int) -> None:
-    """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip."""
-    if not batch:
-        return
-    with conn.pipeline() as pipe:
-        pipe.hset(source.keys.items, mapping={c: source.unfinished[c][2] for c in batch})
-        pipe.expire(source.keys.items, protocol.run_ttl())
-        queue.enqueue_many([source.job_data(c) for c in batch], pipeline=pipe)
-        pipe.hset(source.keys.meta, "enqueued", enqueued)
-        pipe.execute()
+    def _next_chunk(self) -> list | None:
+        if self._peeked is not None:
+            chunk, self._peeked = self._peeked, None
+            return chunk
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            self.exhausted = True
+        return chunk
+
+    def submit(self, limit: int | None) -> None:
+        """Enqueue chunks until the items end; with ``limit``, stop after that many chunks (then
+        peek, so that ``exhausted`` says whether anything is left); without, wait for room in the
+        window before each chunk."""
+        batch: list[int] = []
+        while not self.source.stopped.is_set():
+            if limit is not None and self.chunk_no >= limit:
+                self._peeked = self._next_chunk()
+                break
+            if limit is None and self.chunk_no - self.source.consumed >= self.source.window:
+                self._flush(batch)  # what is cut goes out before we wait for the caller
+                batch = []
+                if not self.source.wait_for_room(self.chunk_no):
+                    break
+            chunk = self._next_chunk()
+            if chunk is None:
+                break
+            self.source.add(self.chunk_no, self.total, len(chunk), pickle_items(chunk, self.total))
+            batch.append(self.chunk_no)
+            self.total += len(chunk)
+            self.chunk_no += 1
+            if len(batch) >= self._flush_at:
+                self._flush(batch)
+                batch = []
+                self._flush_at = min(_MAX_BATCH, self._flush_at * 2)
+        self._flush(batch)
+
+    def _flush(self, batch: list[int]) -> None:
+        if batch:
+            self.outage.call(self._enqueue, batch)
+            self.source.enqueued(self.chunk_no, self.total)
+
+    def _enqueue(self, batch: list[int]) -> None:
+        """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip."""
+        with self.conn.pipeline() as pipe:
+            self.source.enqueue(pipe, self.queue, batch)
+            # (a meta that Redis lost comes back as this one field: the health check reads a meta
+            # without a state as lost, and restores it)
+            pipe.hset(self.source.keys.meta, "enqueued", self.chunk_no)
+            pipe.execute()
+
+    def finish(self) -> None:
+        """Every chunk is enqueued: the run's size is known."""
+        fields = {"total": self.total, "chunks": self.chunk_no, "state": protocol.RUNNING}
+        self.outage.call(protocol.update_meta, self.conn, self.source.keys, fields)  # only if still live
+        self.source.finished = True
+
+    def submit_the_rest(self) -> None:
+        """The background part of a long run; an error is kept for the gathering thread to raise."""
+        try:
+            self.submit(limit=None)
+            if self.exhausted:
+                self.finish()
+                log.info("run %s: all %d chunks submitted", self.source.run_id, self.chunk_no)
+        except BaseException as exc:
+            log.error("run %s: submission stopped: %s: %s", self.source.run_id, type(exc).__name__, exc)
+            self.source.error = exc
+            self.source.stop()
 
 
 def _discard(conn: redis.Redis, run_id: str, chunks: int, queue_name: str) -> None:

@@ -192,11 +192,6 @@ def test_map_keeps_no_reference_to_results_it_has_yielded(ex, workers, chunksize
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="progressbar.ProgressBar builds a disabled tqdm, and tqdm.__new__ starts its monitor thread "
-    "(which never exits) even then: the fix belongs in doredis/driver/progressbar.py",
-)
 def test_map_with_progress_off_starts_no_tqdm_monitor_thread(ex, workers):
     from tqdm import tqdm
 
