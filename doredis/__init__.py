@@ -10,7 +10,7 @@ from .driver.api import attach, imap, parallel_foreach, submit
 from .driver.executor import Executor
 from .driver.run import Run
 from .embedded import local_cluster
-from .errors import RedisOutage, RunCancelled, TaskError, TaskTimeout, WorkerLost
+from .errors import RedisOutage, RunCancelled, RunFailed, TaskError, TaskTimeout, WorkerLost
 from .serialization import SignatureError
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __all__ = [
     "RedisOutage",
     "Run",
     "RunCancelled",
+    "RunFailed",
     "SignatureError",
     "TaskError",
     "TaskTimeout",

@@ -136,6 +136,12 @@ class RunCancelled(RuntimeError):
     """The run was cancelled before all its results arrived."""
 
 
+class RunFailed(RunCancelled):
+    """The run failed (a task's error stopped its gather) and was ended then; ``attach`` says so.
+
+    A subclass of :class:`RunCancelled`: a failed run is cancelled at that moment."""
+
+
 class RedisOutage(ConnectionError):
     """Redis stayed unreachable during a run for longer than ``DOREDIS_OUTAGE_TOLERANCE``.
 

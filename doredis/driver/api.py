@@ -8,7 +8,7 @@ from typing import Any
 import redis as redis_py
 
 from .. import connection, embedded, protocol, serialization
-from ..errors import RunCancelled
+from ..errors import RunCancelled, RunFailed
 from ..protocol import DEFAULT_QUEUE, RunKeys
 from .options import RunOptions, validate
 from .run import Run
@@ -141,7 +141,7 @@ def _ended_early(run_id: str, meta: dict[str, str]) -> RunCancelled:
     counts = f"{meta.get('done', 0)} tasks done, {meta.get('failed', 0)} failed"
     if meta.get("state") == protocol.FAILED:
         failure = meta.get(protocol.META_FAILURE) or "an error stopped its gather"
-        return RunCancelled(
+        return RunFailed(
             f"run {run_id} failed ({counts}) and was cancelled then: {failure}. Its results and "
             "items left Redis at that moment; there is nothing to gather"
         )

@@ -206,7 +206,7 @@ def test_a_failed_run_frees_its_memory_and_keeps_a_summary_for_attach(redis_url,
     assert meta[protocol.META_FAILED_TASK] == "7" and "ValueError" in meta[protocol.META_FAILURE]
     assert (meta["done"], meta["failed"]) == ("11", "1")
     assert _without_ttl(conn, run.id) == []
-    with pytest.raises(doredis.RunCancelled, match=r"failed .*task 7 .*ValueError"):
+    with pytest.raises(doredis.RunFailed, match=r"failed .*task 7 .*ValueError"):
         doredis.attach(run.id, redis=redis_url)
 
 
