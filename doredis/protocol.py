@@ -288,9 +288,10 @@ class ChunkPart:
 # --- scripts ----------------------------------------------------------------------------------
 
 #: Stores a chunk's result once: KEYS = results, notify, meta, items, cursor, parts;
-#: ARGV = chunk, blob, ok, failed, ttl. Returns 1 when stored, 0 when a result for that chunk
-#: was already there (a duplicate run), -1 when the run is gathered, cancelled, failed or expired
-#: (or its state is gone: the driver then submits the chunk again). The chunk's items, cursor,
+#: ARGV = chunk, blob, ok, failed, ttl, parts (1: look for progressive parts). Returns 1 when
+#: stored, 0 when a result for that chunk was already there (a duplicate run), -1 when the run
+#: is gathered, cancelled, failed or expired (or its state is gone: the driver then submits the
+#: chunk again). The chunk's items, cursor,
 #: drain marker and progressive parts go with it; when the run has ended they go too (this
 #: delivery may have written parts or a cursor after the run ended), so nothing of an ended run
 #: is left or re-created.
@@ -298,6 +299,9 @@ PUBLISH_RESULT = """
 local function drop_chunk_state()
   redis.call('HDEL', KEYS[4], ARGV[1])
   redis.call('HDEL', KEYS[5], ARGV[1], ARGV[1] .. ':term')
+  if ARGV[6] ~= '1' then
+    return
+  end
   local offsets = redis.call('HGET', KEYS[6], ARGV[1])
   if offsets then
     for offset in string.gmatch(offsets, '%d+') do
@@ -328,12 +332,16 @@ return 1
 """
 
 
-def publish_result(conn, keys: RunKeys, chunk_no: int, blob: bytes, ok: int, failed: int) -> int:
-    """Run PUBLISH_RESULT for one chunk; see there for the return value."""
+def publish_result(
+    conn, keys: RunKeys, chunk_no: int, blob: bytes, ok: int, failed: int, parts: bool = True
+) -> int:
+    """Run PUBLISH_RESULT for one chunk; see there for the return value. ``parts=False`` (the
+    delivery neither found nor wrote progressive parts, the common case) skips looking for them:
+    parts another delivery may still write go with the run's keys when the run ends."""
     script = conn.register_script(PUBLISH_RESULT)
     return script(
         keys=[keys.results, keys.notify, keys.meta, keys.items, keys.cursor, keys.parts],
-        args=[chunk_no, blob, ok, failed, run_ttl()],
+        args=[chunk_no, blob, ok, failed, run_ttl(), int(parts)],
     )
 
 

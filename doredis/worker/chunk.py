@@ -48,7 +48,7 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
     try:
         items = serialization.loads(found.items, f"chunk {chunk_no} of run {run_id}")
         spec = retrying(_load_spec, conn, keys)
-        done = _Parts.read(conn, keys, chunk_no, start, retrying)
+        done = _Parts.read(conn, keys, chunk_no, start, found.parts, retrying)
     except Exception as exc:  # a missing module, a refused signature: every task of the chunk fails
         log.error("chunk %d of run %s cannot be loaded: %s: %s", chunk_no, run_id, type(exc).__name__, exc)
         failed = _whole_chunk_failed(chunk_no, start, job, worker, exc, items)
@@ -96,7 +96,9 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
     whole = done.merged(result)
     if result.interrupted:
         return _hand_back(conn, keys, whole, done, retrying)
-    retrying(_publish, conn, keys, whole, worker, items, spec)  # folds a reduce run's values
+    retrying(
+        _publish, conn, keys, whole, worker, items, spec, bool(done.offsets)
+    )  # folds a reduce run's values
     return None
 
 
@@ -130,6 +132,7 @@ class _Found:
     cursor: int | None  # the task a dead careful-mode delivery had in hand
     draining: bool  # a delivery died while draining after a stop signal
     items: bytes | None  # the chunk's sealed items (None: its result is stored)
+    parts: bytes | None  # the offsets of the progressive parts earlier deliveries wrote
 
 
 def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int) -> _Found:
@@ -138,10 +141,10 @@ def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int) -> _Found:
         pipe.exists(keys.meta)
         pipe.hmget(keys.cursor, [chunk_no, protocol.term_field(chunk_no)])
         pipe.hget(keys.items, chunk_no)
-        cancel, meta, (cursor, term), items = pipe.execute()
-    return _Found(
-        bool(cancel) or not meta, int(cursor) if cursor is not None else None, term is not None, items
-    )
+        pipe.hget(keys.parts, chunk_no)
+        cancel, meta, (cursor, term), items, parts = pipe.execute()
+    cursor = int(cursor) if cursor is not None else None
+    return _Found(bool(cancel) or not meta, cursor, term is not None, items, parts)
 
 
 class _Parts:
@@ -163,8 +166,11 @@ class _Parts:
         self.fn = None  # whose value does not pickle
 
     @classmethod
-    def read(cls, conn: redis.Redis, keys: RunKeys, chunk_no: int, start: int, retrying) -> _Parts:
-        index = retrying(conn.hget, keys.parts, chunk_no)
+    def read(
+        cls, conn: redis.Redis, keys: RunKeys, chunk_no: int, start: int, index: bytes | None, retrying
+    ) -> _Parts:
+        """The parts listed in ``index`` (the chunk's field of the parts hash, read with the
+        chunk's state: no round trip of its own when there are none)."""
         offsets = sorted({int(o) for o in index.split()}) if index else []
         values: list = []
         failures: dict[int, TaskFailure] = {}
@@ -319,7 +325,9 @@ def _publish(
     worker: str,
     items=None,
     spec: RunSpec | None = None,
+    parts: bool = True,
 ) -> None:
+    """Store the chunk's result once (``parts``: progressive parts may exist to clear with it)."""
     blob = taskrun.seal_result(result, items, spec)  # a task whose value does not pickle fails alone
     limit = state.max_value_bytes()
     if len(blob) > limit:
@@ -330,7 +338,9 @@ def _publish(
         blob = serialization.dumps(_all_failed(result, items, "ResultTooLarge", reason))
     failed = len(result.failures)
     try:
-        stored = protocol.publish_result(conn, keys, result.chunk_no, blob, result.count - failed, failed)
+        stored = protocol.publish_result(
+            conn, keys, result.chunk_no, blob, result.count - failed, failed, parts
+        )
     except redis.ResponseError as exc:
         if outage.is_outage(exc):  # a replica being promoted, a server loading its data
             raise
@@ -338,7 +348,9 @@ def _publish(
         log.error("chunk %d of run %s: %s", result.chunk_no, keys.run_id, reason)
         small = _all_failed(result, items, "ResultTooLarge", reason)
         failed = len(small.failures)
-        stored = protocol.publish_result(conn, keys, result.chunk_no, serialization.dumps(small), 0, failed)
+        stored = protocol.publish_result(
+            conn, keys, result.chunk_no, serialization.dumps(small), 0, failed, parts
+        )
     _count_in_stats(conn, worker, result.count, failed)
     if stored == 0:
         log.info(
