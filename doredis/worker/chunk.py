@@ -132,7 +132,7 @@ class _Found:
     cursor: int | None  # the task a dead careful-mode delivery had in hand
     draining: bool  # a delivery died while draining after a stop signal
     items: bytes | None  # the chunk's sealed items (None: its result is stored)
-    parts: bytes | None  # the offsets of the progressive parts earlier deliveries wrote
+    parts: bytes | None = None  # the offsets of the progressive parts earlier deliveries wrote
 
 
 def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int) -> _Found:

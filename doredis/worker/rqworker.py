@@ -105,6 +105,7 @@ class _DoredisMixin:
     def _beat_forever(self) -> None:
         last_sweep = 0.0
         while not self._beat_stop.wait(protocol.HEARTBEAT_INTERVAL):
+            state.beat(time.monotonic())  # the liveness file follows this thread (state.BEAT_SILENCE)
             try:
                 with self._beat_lock:
                     in_hand = self._in_hand
@@ -184,6 +185,7 @@ class _DoredisMixin:
 
     def teardown(self):
         self._beat_stop.set()
+        state.beats_stopped()
         try:
             super().teardown()
         except redis.RedisError as exc:  # an outage: rq's registration expires by itself

@@ -85,9 +85,28 @@ def liveness_file() -> str:
     )
 
 
+#: A heartbeat thread silent this long (monotonic seconds) is wedged: liveness stops.
+BEAT_SILENCE = 60.0
+_last_beat: float | None = None
+
+
+def beat(now: float) -> None:
+    """The heartbeat thread went round its loop (``now``: monotonic)."""
+    global _last_beat
+    _last_beat = now
+
+
+def beats_stopped() -> None:
+    """The heartbeat thread stopped on purpose (rq's worker is torn down, to start over)."""
+    global _last_beat
+    _last_beat = None
+
+
 def start_liveness_ticker() -> None:
-    """Touch the liveness file every second from a daemon thread, for the life of the process
-    (also while the worker waits for an unreachable Redis: that worker is alive)."""
+    """Touch the liveness file every second from a daemon thread, for the life of the process,
+    while the worker's heartbeat thread goes round (or before there is one: a worker waiting for
+    an unreachable Redis is alive). A heartbeat thread silent for ``BEAT_SILENCE`` seconds lets
+    the file go stale, so the liveness probe restarts a wedged worker."""
     import threading
     import time
 
@@ -97,11 +116,13 @@ def start_liveness_ticker() -> None:
 
     def tick() -> None:
         while True:
-            try:
-                with open(path, "a"):
-                    os.utime(path)
-            except OSError as exc:
-                logging.getLogger("doredis.worker").debug("cannot touch %s: %s", path, exc)
+            last = _last_beat
+            if last is None or time.monotonic() - last < BEAT_SILENCE:
+                try:
+                    with open(path, "a"):
+                        os.utime(path)
+                except OSError as exc:
+                    logging.getLogger("doredis.worker").debug("cannot touch %s: %s", path, exc)
             time.sleep(1.0)
 
     threading.Thread(target=tick, name="doredis-liveness", daemon=True).start()

@@ -271,14 +271,25 @@ def test_a_worker_started_while_redis_is_down_waits_and_then_works(own_redis, po
     server = own_redis(appendonly=False)
     server.kill()
     pool = pools(server.url, queue)
-    (worker,) = pool.start(1, wait=False)
+    alive_file = tmp_path / "alive"
+    (worker,) = pool.start(1, wait=False, env={"DOREDIS_LIVENESS_FILE": str(alive_file)})
     wait_until(lambda: "cannot reach" in pool.log_text(worker) or "unreachable" in pool.log_text(worker), 20,
                "the worker to say it waits for Redis")  # fmt: skip
     assert worker.poll() is None, pool.log_text(worker)
+    # a worker waiting for Redis is alive: its liveness file stays fresh (the probe never asks Redis)
+    touched = alive_file.stat().st_mtime
+    wait_until(lambda: alive_file.stat().st_mtime > touched, 10, "the liveness file to be touched again")
     server.start()
     wait_until(lambda: worker_count(server.client(), queue) == 1, 30, "the worker to register")
     assert doredis.parallel_foreach(range(5), tasks.square, redis=server.url, queue=queue) == [0, 1, 4, 9, 16]
     assert worker.poll() is None
+    # and once it works, the file follows its heartbeat thread
+    touched = alive_file.stat().st_mtime
+    wait_until(lambda: alive_file.stat().st_mtime > touched, 10, "the liveness file to be touched again")
+    probe = subprocess.run(
+        ["doredis", "alive", "--file", str(alive_file), "--max-age", "5"], capture_output=True, timeout=30
+    )
+    assert probe.returncode == 0, probe.stderr
 
 
 @pytest.mark.timeout(150)
