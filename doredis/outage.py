@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -44,16 +43,13 @@ class Backoff:
     """Capped exponential delays: ``first``, twice that, ... up to ``cap``."""
 
     def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
-        self.first, self.cap = first, cap
+        self.cap = cap
         self._next = first
 
     def next(self) -> float:
         delay = self._next
         self._next = min(self.cap, self._next * 2)
         return delay
-
-    def reset(self) -> None:
-        self._next = self.first
 
 
 class OutageTooLong(redis.ConnectionError):
@@ -73,7 +69,6 @@ class Outage:
         on_change: Callable[[bool], None] | None = None,
         give_up: Callable[[BaseException, float], BaseException] | None = None,
         cap: float = 2.0,
-        stop: threading.Event | None = None,
     ) -> None:
         self.where = where
         self.log = log
@@ -81,9 +76,7 @@ class Outage:
         self.on_change = on_change
         self.give_up = give_up
         self.cap = cap
-        self.stop = stop or threading.Event()
         self.down_since: float | None = None
-        self.outages = 0
 
     def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """``fn(*args, **kwargs)``, retried with capped backoff while Redis is out."""
@@ -95,8 +88,7 @@ class Outage:
                 if not is_outage(exc):
                     raise
                 self.failed(exc)
-                if self.stop.wait(backoff.next()):
-                    raise
+                time.sleep(backoff.next())
                 continue
             self.succeeded()
             return value
@@ -106,7 +98,6 @@ class Outage:
         now = time.monotonic()
         if self.down_since is None:
             self.down_since = now
-            self.outages += 1
             self.log.warning(
                 "lost the connection to Redis at %s (%s: %s); retrying%s",
                 self.where,

@@ -33,12 +33,12 @@ _BATCH = 256
 _CHECK_BATCH = 1000
 
 
-def remove_queued_chunks(conn: redis.Redis, queue: str, run_id: str, chunks: int | None = None) -> int:
+def remove_queued_chunks(conn: redis.Redis, queue: str, run_id: str) -> int:
     """Take a run's chunks that no worker has started out of the queue, with their rq jobs;
     returns how many.
 
     One pass over the queue whatever the run's size (``protocol.REMOVE_RUN_JOBS`` finds the run's
-    jobs by their id prefix, so ``chunks`` is not needed). A chunk in progress keeps its rq job
+    jobs by their id prefix). A chunk in progress keeps its rq job
     (rq needs it to finish); the worker drops the result because the run has ended.
     """
     removed = protocol.remove_run_jobs(conn, queue, run_id)
@@ -196,9 +196,8 @@ class Run:
         except RedisOutage:
             raise  # Redis is gone: the run stays there for attach, nothing to cancel
         except BaseException:
-            # A task error in "raise" mode, Ctrl-C, or the caller leaving imap early: stop the workers.
-            if self.source is not None:
-                self.source.stop()
+            # A task error in "raise" mode, Ctrl-C, or the caller leaving imap early: stop the workers
+            # (and the background submission: _end_early stops it before anything touches Redis).
             if not finished:
                 self._cancel_quietly()
             raise

@@ -94,10 +94,6 @@ class RunSource:
         with self._room:
             self._unfinished.pop(chunk_no, None)
 
-    def items_of(self, chunk_nos: list[int]) -> dict[int, bytes]:
-        with self._room:
-            return {c: self._unfinished[c][2] for c in chunk_nos if c in self._unfinished}
-
     def in_flight(self) -> int:
         """Chunks whose items the driver holds (submitted, result not arrived yet)."""
         with self._room:

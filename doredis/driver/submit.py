@@ -97,7 +97,7 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
             submitter.finish()
     except BaseException:
         try:
-            _discard(conn, run_id, submitter.chunk_no, options.queue)
+            _discard(conn, run_id, options.queue)
         except redis.RedisError as exc:
             log.warning("run %s: could not take back its chunks (%s); they expire with the run", run_id, exc)
         raise
@@ -206,11 +206,11 @@ class _Submitter:
             self.source.stop()
 
 
-def _discard(conn: redis.Redis, run_id: str, chunks: int, queue_name: str) -> None:
+def _discard(conn: redis.Redis, run_id: str, queue_name: str) -> None:
     """Undo a submission that failed half-way (an unpicklable item, Ctrl-C): nothing stays behind."""
     keys = RunKeys(run_id)
     conn.set(keys.cancel, 1, ex=60)
-    remove_queued_chunks(conn, queue_name, run_id, chunks)
+    remove_queued_chunks(conn, queue_name, run_id)
     with conn.pipeline(transaction=False) as pipe:
         pipe.delete(*keys.all_but(keys.cancel))
         pipe.zrem(protocol.runs_key(queue_name), run_id)
