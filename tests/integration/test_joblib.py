@@ -4,8 +4,10 @@ test can show that its calls ran on the workers, not in the driver."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
+import time
 import uuid
 
 import joblib
@@ -15,6 +17,7 @@ import tasks_joblib
 from helpers import wait_until
 from joblib import Parallel, delayed, parallel_config
 from sklearn.datasets import load_iris
+from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.svm import SVC
@@ -112,6 +115,15 @@ def test_a_failure_takes_the_queued_batches_off_the_queue(workers, conn, redis_u
     wait_until(lambda: status.queue_status(conn, queue).running_chunks == 0, 20, "no running chunk")
     ran = sum(calls_by_pid(conn, key).values())
     assert ran < 10, f"{ran} of 40 calls ran although the first failed"
+
+
+def test_parallel_timeout_raises_and_cancels_what_is_queued(workers, conn, redis_url, queue):
+    workers.start(2)
+    with parallel_config(backend="doredis", redis=redis_url, queue=queue):
+        with pytest.raises(multiprocessing.TimeoutError):  # what joblib raises for any backend
+            Parallel(n_jobs=-1, timeout=0.5, batch_size=1)(delayed(time.sleep)(2) for _ in range(6))
+        wait_until(lambda: status.queue_status(conn, queue).queued_chunks == 0, 10, "an empty queue")
+        assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
 
 
 # --- how many workers n_jobs=-1 means -----------------------------------------------------------
@@ -213,14 +225,20 @@ def test_grid_search_matches_the_default_backend(workers, conn, redis_url, queue
 def test_cross_val_score_matches_the_default_backend(workers, conn, redis_url, queue, key, iris):
     X, y = iris
     workers.start(2)
-    for estimator in (DecisionTreeClassifier(random_state=0), LogisticRegression(max_iter=500)):
+    estimators = (
+        DecisionTreeClassifier(random_state=0),
+        LogisticRegression(max_iter=500),
+        # n_jobs inside a task: the forest's own joblib call runs sequentially on the worker
+        RandomForestClassifier(n_estimators=8, n_jobs=-1, random_state=0),
+    )
+    for estimator in estimators:
         reference = cross_val_score(estimator, X, y, cv=5, n_jobs=-1)
         with parallel_config(backend="doredis", redis=redis_url, queue=queue):
             scores = cross_val_score(
                 estimator, X, y, cv=5, n_jobs=-1, scoring=tasks_joblib.RecordingAccuracy(redis_url, key)
             )
         np.testing.assert_array_equal(scores, reference)
-    assert_ran_on_workers(conn, key, workers, 10)
+    assert_ran_on_workers(conn, key, workers, 15)
 
 
 # --- the backend's own checks -------------------------------------------------------------------
