@@ -28,6 +28,7 @@ from joblib.parallel import (
     register_parallel_backend,
 )
 
+from doredis import serialization, taskrun
 from doredis.driver.api import _connect
 from doredis.driver.executor import Executor
 from doredis.embedded import wait_for
@@ -153,7 +154,16 @@ class DoredisBackend(AutoBatchingMixin, ParallelBackendBase):
         executor = self._executor
         if executor is None:
             raise RuntimeError("the doredis backend was terminated; joblib configures it before use")
-        future = executor.submit(func)
+        try:
+            future = executor.submit(func)
+        except TypeError as exc:  # name the joblib call that does not pickle, not the batch
+            future = Future()
+            future.set_exception(_unpicklable_call(func, exc))
+        except Exception as exc:
+            # joblib also submits from the thread that runs callbacks, where an exception would be
+            # lost and Parallel would wait forever: a failed future makes Parallel raise it.
+            future = Future()
+            future.set_exception(exc)
         with self._lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)
@@ -193,6 +203,22 @@ class DoredisBackend(AutoBatchingMixin, ParallelBackendBase):
     def get_nested_backend(self) -> tuple[ParallelBackendBase, int | None]:
         """What a task's own ``Parallel`` uses on its worker: sequential (a worker is one CPU)."""
         return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
+
+
+def _unpicklable_call(batch: Any, exc: TypeError) -> TypeError:
+    """The pickling error of the first call in ``batch`` that does not pickle (else ``exc``)."""
+    for call in getattr(batch, "items", ()):
+        try:
+            serialization.dumps(call)
+        except Exception as inner:
+            error = TypeError(
+                f"cannot pickle the joblib call {taskrun.call_repr(call)} to send it to the workers: "
+                f"{type(inner).__name__}: {inner}. Pass picklable arguments (open files, locks, sockets "
+                "and database connections are not); create such resources inside the function instead."
+            )
+            error.__cause__ = inner
+            return error
+    return exc
 
 
 def _warn_in_worker() -> None:

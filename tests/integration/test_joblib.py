@@ -103,6 +103,16 @@ def test_a_task_exception_is_raised_as_its_own_type(workers, conn, redis_url, qu
     assert set(calls_by_pid(conn, key)) <= worker_pids(workers)
 
 
+@pytest.mark.parametrize("bad", [0, 300], ids=["first batch", "a batch dispatched by a callback"])
+def test_an_unpicklable_argument_is_named_not_hung_on(workers, redis_url, queue, bad):
+    """joblib dispatches later batches from the thread that delivers results: a pickling error
+    there must still reach the caller."""
+    workers.start(2)
+    with parallel_config(backend="doredis", redis=redis_url, queue=queue):
+        with pytest.raises(TypeError, match=r"cannot pickle the joblib call abs\(<unlocked _thread.lock"):
+            Parallel(n_jobs=-1)(delayed(abs)(threading.Lock() if i == bad else i) for i in range(400))
+
+
 def test_a_failure_takes_the_queued_batches_off_the_queue(workers, conn, redis_url, queue, key):
     workers.start(1)
     with parallel_config(backend="doredis", redis=redis_url, queue=queue):
