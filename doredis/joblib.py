@@ -1,7 +1,7 @@
 """A joblib backend that runs ``joblib.Parallel`` calls on doredis workers.
 
 >>> import joblib
->>> with joblib.parallel_config(backend="doredis", redis="redis://host:6379", queue="default"):
+>>> with joblib.parallel_config(backend="doredis", redis="redis://host:6379", queue="doredis"):
 ...     joblib.Parallel(n_jobs=-1)(joblib.delayed(pow)(i, 2) for i in range(10))
 
 ``import doredis`` makes the name ``"doredis"`` known to joblib (see :mod:`doredis.joblib_hook`);
@@ -84,6 +84,8 @@ class DoredisBackend(AutoBatchingMixin, ParallelBackendBase):
             )
         if not isinstance(queue, str) or not queue:
             raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         if wait_for_workers < 0:
             raise ValueError(f"wait_for_workers must be >= 0 seconds, got {wait_for_workers!r}")
         super().__init__(nesting_level=nesting_level)

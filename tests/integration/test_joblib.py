@@ -103,6 +103,15 @@ def test_a_task_exception_is_raised_as_its_own_type(workers, conn, redis_url, qu
     assert set(calls_by_pid(conn, key)) <= worker_pids(workers)
 
 
+def test_retries_rerun_a_failed_batch(workers, redis_url, queue, key):
+    workers.start(1)
+    with parallel_config(backend="doredis", redis=redis_url, queue=queue, retries=1):
+        out = Parallel(n_jobs=-1, batch_size=1)(
+            delayed(tasks_joblib.fails_once)(i, redis_url, key) for i in range(4)
+        )
+    assert out == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("bad", [0, 300], ids=["first batch", "a batch dispatched by a callback"])
 def test_an_unpicklable_argument_is_named_not_hung_on(workers, redis_url, queue, bad):
     """joblib dispatches later batches from the thread that delivers results: a pickling error
@@ -261,6 +270,10 @@ def test_bad_settings_are_named(redis_url, queue):
     with pytest.raises(TypeError, match="wait_for_worker"):
         with parallel_config(backend="doredis", redis=redis_url, queue=queue, wait_for_worker=3):
             pass
+    with pytest.raises(ValueError, match="retries must be an integer >= 0"):
+        DoredisBackend(redis_url, queue, retries=-1)
+    with pytest.raises(ValueError, match="wait_for_workers must be >= 0"):
+        DoredisBackend(redis_url, queue, wait_for_workers=-1)
     with pytest.raises(ValueError, match="inner_max_num_threads"):
         DoredisBackend(redis_url, queue, inner_max_num_threads=2)
 
