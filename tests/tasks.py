@@ -86,3 +86,8 @@ def _loaded_counter(redis_url: str, key: str, payload: bytes) -> LoadCounter:
 
 def payload_size(x, counter: LoadCounter):
     return x, len(counter.payload), os.getpid()
+
+
+def forged_callback(job, connection, *args):
+    """A callback a forged job names: touches the file in its meta (the worker must never call it)."""
+    open(job.meta["marker"], "w").close()  # noqa: SIM115
