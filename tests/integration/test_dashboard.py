@@ -155,6 +155,9 @@ def test_every_dashboard_page_loads_while_chunks_run(
     shots = _artifacts(tmp_path)
     workers.start(2, env={"DOREDIS_SECRET": "dash-secret"})
     monkeypatch.setenv("DOREDIS_SECRET", "dash-secret")
+    # A job forged by someone with access to Redis: refused, it lands in rq's failed registry.
+    forged = Queue(queue, connection=conn).enqueue("os.system", f"touch {tmp_path / 'pwned'}")
+    wait_until(lambda: forged.get_status(refresh=True) == "failed", 30, "the forged job to be refused")
     gate = f"gate:{queue}"
     task = functools.partial(tasks.gated, redis_url=redis_url, key=gate)
     run = doredis.submit(range(6), task, chunk_size=1, redis=redis_url, queue=queue, progress=False)
@@ -172,11 +175,15 @@ def test_every_dashboard_page_loads_while_chunks_run(
         assert all(v.startswith(b"DR1s") for v in conn.hvals(run.keys.items))
 
         def queue_row(d):
-            rows = [r for r in _rows(d, "#queues tr[data-role=queue]") if r.text.split()[:1] == [queue]]
-            return rows and rows[0].text.split()
+            for row in _rows(d, "#queues tr[data-role=queue]"):
+                cells = ["".join(td.text.split()) for td in row.find_elements("css selector", "td")]
+                if cells[0] == queue:  # (a long name wraps in its cell)
+                    return cells
+            return None
 
         cells = _page(browser, f"{base}/0/view/queues", queue_row, "the queue's row", shots, "queues")
-        assert cells[1:2] == ["4"] and cells[4:5] == ["2"], cells  # queued, ..., started
+        # name, queued, deferred, scheduled, started, finished, failed, canceled
+        assert (cells[1], cells[4], cells[6]) == ("4", "2", "1"), cells
 
         def worker_rows(d):
             rows = {r.text.split()[0]: r for r in _rows(d, "#workers tr[data-role=worker]")}
@@ -193,12 +200,14 @@ def test_every_dashboard_page_loads_while_chunks_run(
         def job_ids_shown(d):
             return [r.get_attribute("data-job-id") for r in _rows(d, "#jobs tr[data-role=job]")]
 
-        for registry, expected in (("queued", queued), ("started", running)):
+        for registry, expected in (("queued", queued), ("started", running), ("failed", [forged.id])):
             url = f"{base}/0/view/jobs/{queue}/{registry}/8/asc/1"
             shown = _page(browser, url, job_ids_shown, f"the {registry} jobs", shots, f"jobs-{registry}")
             assert sorted(shown) == sorted(expected), (registry, shown)
             page = browser.find_element("id", "jobs").text
-            assert all(f"doredis run {run.id} chunk" in page for _ in expected)
+            assert page.count(f"doredis run {run.id} chunk") == (0 if registry == "failed" else len(expected))
+        assert "which is not a doredis chunk: it calls 'os.system'" in page, page  # the failed job's reason
+        assert not (tmp_path / "pwned").exists()
 
         def job_data(d):
             text = d.find_element("id", "job-data").text
@@ -215,8 +224,12 @@ def test_every_dashboard_page_loads_while_chunks_run(
         severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not severe, severe
         assert "Traceback" not in dashboard_log.read_text(), dashboard_log.read_text()[-3000:]
+        # The JSON the pages fill themselves from (what answered HTTP 500 before).
+        data = ["queues.json", "workers.json", *(f"job/{j}.json" for j in job_ids + [forged.id])]
+        data += [f"jobs/{queue}/{r}/8/asc/1.json" for r in ("queued", "started", "failed", "finished")]
+        assert {d: _get(f"{base}/0/data/{d}") for d in data} == dict.fromkeys(data, 200)
         print(f"\ndashboard screenshots: {shots}")
     finally:
         conn.set(gate, 1)
     assert run.results() == [x * x for x in range(6)]
-    assert "refused" not in workers.all_logs()
+    assert workers.all_logs().count("which is not a doredis chunk") >= 1
