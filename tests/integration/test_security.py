@@ -75,14 +75,14 @@ class _OpensFile:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("secret", [None, "a"])
+@pytest.mark.parametrize(("secret", "worker_args"), [(None, ()), ("a", ()), ("a", ("--fork",))])
 def test_forged_jobs_are_refused_before_anything_of_them_runs(
-    redis_url, queue, workers, conn, monkeypatch, tmp_path, secret
+    redis_url, queue, workers, conn, monkeypatch, tmp_path, secret, worker_args
 ):
     """rq's job data is plain pickle (rq-dashboard reads it): a forged job can neither run code while
     it is unpickled, nor name another function, nor attach a callback or a webhook."""
     env = {"DOREDIS_SECRET": secret} if secret else {}
-    (worker,) = workers.start(1, env=env)
+    (worker,) = workers.start(1, *worker_args, env=env)
     hits: list[str] = []
 
     class Hook(http.server.BaseHTTPRequestHandler):
