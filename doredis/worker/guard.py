@@ -12,13 +12,9 @@ when the chunk loads it (:mod:`doredis.serialization`).
 
 from __future__ import annotations
 
-import logging
-
 from rq.job import Job
 
 from .. import protocol
-
-log = logging.getLogger("doredis.worker")
 
 
 class RefusedJob(RuntimeError):
@@ -38,6 +34,7 @@ def refusal(job: Job) -> RefusedJob | None:
 
 
 def _problem(job: Job) -> str | None:
+    # Mirrors doredis.driver.source.job_data (tests/unit/test_guard.py checks the two agree).
     func_name, instance, args, kwargs = job.func_name, job.instance, job.args, job.kwargs
     if func_name != protocol.JOB_FUNCTION or instance is not None:
         return f"it calls {func_name!r}, not {protocol.JOB_FUNCTION}"
