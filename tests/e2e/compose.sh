@@ -453,7 +453,8 @@ notebook_step() {
     bgwait "${PC_RUN[@]}" --profile notebook up -d --no-build --no-recreate notebook >"$WORK/up-notebook.log" 2>&1 \
         || { cat "$WORK/up-notebook.log"; die "podman-compose up notebook"; }
     local nb_c=${PROJ}_notebook_1
-    wait_for "notebook healthcheck (compose file's: GET /api)" 180 podman healthcheck run "$nb_c"
+    nb_healthy() { podman healthcheck run "$nb_c" >/dev/null 2>&1; }
+    wait_for "notebook healthcheck (compose file's: GET /api)" 180 nb_healthy
     # JUPYTER_TOKEN from the environment guards the API, on the compose file's loopback port.
     "$PY" - "$JUPYTER_PORT" "$JUPYTER_TOKEN" >"$WORK/notebook-token.log" 2>&1 <<'PYEOF' \
         || die "notebook token check: $(cat "$WORK/notebook-token.log")"
