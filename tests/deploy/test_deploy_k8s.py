@@ -1427,6 +1427,30 @@ def test_only_the_notebook_pod_is_selected_and_nothing_but_it_reaches_it(
     assert [p for p in peers if selector_matches(p, pod)]
 
 
+def test_notebook_component_joins_another_overlay(tmp_path: Path) -> None:
+    """The notebook is a kustomize Component: added to the KEDA overlay, it brings the same
+    objects and leaves KEDA's (the workers' replica count stays KEDA's)."""
+    k8s = k8s_copy_with_secret(tmp_path / "k8s", TEST_NAMESPACE)
+    combined = k8s / "overlays" / "keda-notebook"
+    combined.mkdir()
+    (combined / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources:\n  - ../keda\ncomponents:\n  - ../../components/notebook\n",
+        encoding="utf-8",
+    )
+    objs, keda, notebook = (
+        render(combined),
+        render(k8s / "overlays" / "keda"),
+        render(k8s / "overlays" / "notebook"),
+    )
+    base = {_key(o) for o in render(k8s)}
+    assert [o for o in objs if _key(o) in {_key(k) for k in keda}] == keda
+    assert [o for o in objs if _key(o) not in {_key(k) for k in keda}] == [
+        o for o in notebook if _key(o) not in base
+    ]
+    assert "replicas" not in _worker(objs)["spec"]
+
+
 def test_generate_secret_adds_a_jupyter_token_to_an_older_secret_env(tmp_path: Path) -> None:
     """A secret.env written before the notebook overlay gets a token, and keeps every credential."""
     k8s = k8s_copy_with_secret(tmp_path / "k8s", "ns-2")
