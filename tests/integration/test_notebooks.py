@@ -221,12 +221,14 @@ def test_interrupting_a_cell_leaves_the_embedded_cluster_running(
                 "before = (cluster._server.process.pid, sorted(p.pid for p in cluster.workers))"
             ),
             new_code_cell(
-                "doredis.parallel_foreach(range(8), lambda x: time.sleep(12), chunk_size=1)",
+                "run = doredis.submit(range(8), lambda x: time.sleep(12), chunk_size=1)\nrun.results()",
                 metadata={"tags": ["interrupted"]},
             ),
             new_code_cell(
                 "after = (cluster._server.process.pid, sorted(p.pid for p in cluster.workers))\n"
-                "print(after == before, cluster.alive(), doredis.parallel_foreach(range(5), (2).__mul__))",
+                "print(after == before, cluster.alive(), doredis.parallel_foreach(range(5), (2).__mul__))\n"
+                "try:\n    doredis.attach(run.id)\n"
+                "except doredis.RunCancelled as e:\n    print(type(e).__name__)",
                 metadata={"tags": ["after"]},
             ),
         ]
@@ -244,4 +246,4 @@ def test_interrupting_a_cell_leaves_the_embedded_cluster_running(
     client.execute(env=kernel_env)
     [error] = [o for o in outputs(nb, "interrupted") if o.output_type == "error"]
     assert error.ename == "KeyboardInterrupt"
-    assert text(nb, "after", "stdout") == "True True [0, 2, 4, 6, 8]\n"
+    assert text(nb, "after", "stdout") == "True True [0, 2, 4, 6, 8]\nRunCancelled\n"
