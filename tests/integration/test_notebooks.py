@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 @pytest.fixture
-def kernel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+def kernel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, str]]:
     """The environment of the test's kernels: this interpreter (a kernelspec of its own, found
     first through JUPYTER_PATH), this repo's doredis, no Redis configured, and a short private
     TMPDIR (the embedded server's unix socket path must stay under 108 bytes)."""
