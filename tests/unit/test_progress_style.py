@@ -63,3 +63,23 @@ def test_a_kernel_shows_a_bar_by_default(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(progressbar, "in_kernel", lambda: True)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert progressbar.wanted(None) is True
+
+
+def test_the_widget_learns_its_total_and_ends_green_or_red(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's bar starts without a total (tqdm's widget then draws a full "info" stub) and gets it
+    once the run is submitted; a bar closed short of its total (a failed or cancelled run) is red."""
+    pytest.importorskip("ipywidgets")
+    monkeypatch.setattr(progressbar, "in_kernel", lambda: True)  # outside a kernel display() prints text
+    monkeypatch.delenv("DOREDIS_PROGRESS_STYLE", raising=False)
+    for done, style in ((5, "success"), (3, "danger")):
+        bar = ProgressBar(True, None, "r1")
+        assert bar.widget
+        _, widget, _ = bar.bar.container.children
+        assert widget.bar_style == "info"
+        bar.set_total(5)
+        assert (widget.max, widget.bar_style, widget.layout.width) == (5, "", None)
+        bar.workers(2)
+        bar.advance(done)
+        bar.close()
+        assert (widget.value, widget.bar_style) == (done, style)
+        assert f"{done}/5" in repr(bar.bar.container) and "workers=2" in repr(bar.bar.container)
