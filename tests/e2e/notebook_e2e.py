@@ -2,11 +2,12 @@
 `podman exec`), headlessly in a real kernel (nbclient, which comes with JupyterLab), against the
 compose project's Redis and workers (DOREDIS_REDIS_URL of the container), and checks its outputs.
 
-    python notebook_e2e.py NOTEBOOK WORKDIR
+    python notebook_e2e.py NOTEBOOK OUTDIR
 
-WORKDIR is the kernel's working directory (writable: the preload cell writes a module there); the
-executed notebook is saved there too. Prints ``E2E_NOTEBOOK {json}`` (the hosts the tasks ran on,
-timings) and exits non-zero with the reason when a cell fails or an output is wrong.
+The kernel starts in the notebook's directory, as JupyterLab starts it: there, the read-only
+mount of examples/. The executed notebook is saved to OUTDIR. Prints ``E2E_NOTEBOOK {json}``
+(the hosts the tasks ran on, timings) and exits non-zero with the reason when a cell fails or an
+output is wrong.
 """
 
 from __future__ import annotations
@@ -35,20 +36,21 @@ def cell_text(nb, tag: str, kind: str = "all") -> str:
     return "".join(parts)
 
 
-def main(path: str, workdir: str) -> int:
+def main(path: str, outdir: str) -> int:
     if not os.environ.get("DOREDIS_REDIS_URL"):
         print("E2E_NOTEBOOK_FAIL: DOREDIS_REDIS_URL is not set in the notebook container")
         return 1
     nb = nbformat.read(path, as_version=4)
     began = time.monotonic()
-    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": workdir}})
+    cwd = os.path.dirname(os.path.abspath(path))
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": cwd}})
     try:
         client.execute()
     except CellExecutionError as exc:
         print(f"E2E_NOTEBOOK_FAIL: a cell failed:\n{exc}")
         return 1
     finally:
-        nbformat.write(nb, os.path.join(workdir, "quickstart-executed.ipynb"))
+        nbformat.write(nb, os.path.join(outdir, "quickstart-executed.ipynb"))
     elapsed = time.monotonic() - began
 
     failures = []
