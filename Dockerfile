@@ -6,6 +6,7 @@
 # Build:  docker build -t doredis .
 #         docker build --build-arg PYTHON_VERSION=3.12 -t doredis:py3.12 .
 #         docker build --build-arg BASE_IMAGE=registry.example.com/python:3.11-slim -t doredis .
+#         docker build --build-arg EXTRAS=notebook -t doredis:notebook .   (JupyterLab driver)
 #
 # Task dependencies: set EXTRA_PIP_PACKAGES at run time (docker/entrypoint.sh
 # pip-installs them before the command starts), or - faster for big clusters,
@@ -40,7 +41,11 @@ RUN apt-get update \
 # add EXTRA_PIP_PACKAGES to its own user site (PYTHONUSERBASE).
 COPY pyproject.toml README.md /tmp/doredis-src/
 COPY doredis /tmp/doredis-src/doredis
-RUN pip install /tmp/doredis-src \
+# Optional extras of pyproject.toml, comma-separated; none by default (the worker image).
+#   --build-arg EXTRAS=notebook   JupyterLab + ipywidgets: the notebook driver (compose profile
+#                                 `notebook`, k8s/overlays/notebook), tagged doredis:notebook
+ARG EXTRAS=
+RUN pip install "/tmp/doredis-src${EXTRAS:+[$EXTRAS]}" \
  && rm -rf /tmp/doredis-src \
  && doredis --help >/dev/null
 

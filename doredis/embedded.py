@@ -133,7 +133,16 @@ class RedisServer:
             self.url = f"unix://{sock}"
         args += list(extra_args)
         self._log = open(self.dir / "redis.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = spawn(args, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        # A session of its own, like the workers': a terminal's Ctrl-C, a Jupyter interrupt (SIGINT to
+        # the kernel's process group) or ipykernel's shutdown, which signals its process group, must not
+        # stop the server under its workers; the owner stops it, after them.
+        self.process = spawn(
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
         try:
             wait_for(self._ready, 10, f"redis-server at {self.url}")
         except TimeoutError:
@@ -306,8 +315,15 @@ def default_cluster() -> LocalCluster:
         return _default
 
 
+# At exit nothing waits for the default cluster's work any more: a task still running belongs to a
+# run its driver abandoned. So its workers get this long to stop before they are killed, short
+# enough to finish within the 2.5 s a Jupyter front end gives a kernel to shut down or restart
+# (then it kills the kernel, and the server's temp dir would be left behind).
+EXIT_GRACE = 1.5
+
+
 def _stop_default() -> None:
     global _default
     if _default is not None:
-        _default.stop()
+        _default.stop(timeout=EXIT_GRACE)
         _default = None

@@ -14,10 +14,12 @@
 #
 # Values are hex (URL-safe: the Redis password goes into redis:// URLs), from
 # Python's `secrets` module, or `openssl rand` where python3 is missing.
+# jupyter-token is the notebook overlay's JupyterLab token: an existing
+# secret.env without one gets one added, and keeps everything else.
 set -eu
 
 usage() {
-    sed -n '2,16s/^# \{0,1\}//p' "$0"
+    sed -n '2,18s/^# \{0,1\}//p' "$0"
 }
 
 force=0
@@ -54,10 +56,6 @@ fi
 
 here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd)
 out=$here/base/secret.env
-if [ -e "$out" ] && [ "$force" -ne 1 ]; then
-    echo "generate-secret.sh: $out exists; keeping it (pass --force to replace the credentials)" >&2
-    exit 1
-fi
 
 # rand_hex N: 2N hex digits from a cryptographically secure source.
 rand_hex() {
@@ -73,8 +71,21 @@ rand_hex() {
 
 redis_password=$(rand_hex 24)
 doredis_secret=$(rand_hex 32)
-if [ "${#redis_password}" -ne 48 ] || [ "${#doredis_secret}" -ne 64 ]; then
+jupyter_token=$(rand_hex 24)
+if [ "${#redis_password}" -ne 48 ] || [ "${#doredis_secret}" -ne 64 ] || [ "${#jupyter_token}" -ne 48 ]; then
     echo "generate-secret.sh: could not generate random values" >&2
+    exit 1
+fi
+
+if [ -e "$out" ] && [ "$force" -ne 1 ]; then
+    # A secret.env from before the notebook overlay: add its token, change nothing else.
+    if ! grep -q '^jupyter-token=' "$out"; then
+        if [ -n "$(tail -c 1 "$out")" ]; then echo >>"$out"; fi # a last line without its newline
+        echo "jupyter-token=$jupyter_token" >>"$out"
+        echo "generate-secret.sh: added jupyter-token to $out; kept its other credentials" >&2
+        exit 0
+    fi
+    echo "generate-secret.sh: $out exists; keeping it (pass --force to replace the credentials)" >&2
     exit 1
 fi
 
@@ -86,6 +97,7 @@ trap 'rm -f "$tmp"' EXIT
     echo "redis-password=$redis_password"
     echo "doredis-secret=$doredis_secret"
     echo "redis-address=redis.$namespace.svc.cluster.local:6379"
+    echo "jupyter-token=$jupyter_token"
 } >"$tmp"
 mv "$tmp" "$out"
 trap - EXIT

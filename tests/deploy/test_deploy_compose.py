@@ -4,8 +4,10 @@ scalable (`docker compose up -d --scale worker=N`) as the docs promise."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,7 +15,14 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
-from deploykit import REPO, duration_seconds, interpolate, load_yaml_docs
+from deploykit import (
+    REPO,
+    dockerfile_instructions,
+    duration_seconds,
+    final_stage,
+    interpolate,
+    load_yaml_docs,
+)
 
 # tests/deploy/compose-spec.json is the Compose Specification schema of the
 # compose-spec/compose-spec repository (schema/compose-spec.json, Apache-2.0,
@@ -58,7 +67,7 @@ def test_compose_schema_check_catches_mistakes(raw: dict[str, Any]) -> None:
 
 
 def test_services(services: dict[str, Any]) -> None:
-    assert set(services) >= {"redis", "worker", "driver", "dashboard"}
+    assert set(services) >= {"redis", "worker", "driver", "dashboard", "notebook"}
 
 
 def test_worker_scales(services: dict[str, Any]) -> None:
@@ -112,6 +121,7 @@ def test_redis_keeps_an_aof_and_fails_cleanly_when_full(raw: dict[str, Any], env
 def test_driver_and_dashboard_only_on_request(services: dict[str, Any]) -> None:
     assert services["driver"]["profiles"] == ["driver"]
     assert services["dashboard"]["profiles"] == ["dashboard"]
+    assert services["notebook"]["profiles"] == ["notebook"]
     assert "profiles" not in services["redis"]
 
 
@@ -197,6 +207,8 @@ def test_compose_cli_accepts_the_file() -> None:
                 "driver",
                 "--profile",
                 "dashboard",
+                "--profile",
+                "notebook",
                 "config",
                 "-q",
             ],
@@ -208,3 +220,73 @@ def test_compose_cli_accepts_the_file() -> None:
             env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
         )
         assert proc.returncode == 0, f"{cmd}: {proc.stderr}"
+
+
+# ------------------------------------------------------------------ notebook
+def _image_home() -> str:
+    env: dict[str, str] = {}
+    for instr, args in final_stage(dockerfile_instructions(REPO / "Dockerfile")):
+        if instr == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+    return env["HOME"]
+
+
+def test_notebook_is_the_image_with_the_notebook_extra(services: dict[str, Any]) -> None:
+    """The same Dockerfile and Python, built with EXTRAS=notebook (JupyterLab, ipywidgets) under a
+    tag of its own: the worker image stays without JupyterLab."""
+    notebook, worker = services["notebook"], services["worker"]
+    assert notebook["build"]["context"] == worker["build"]["context"]
+    assert notebook["build"]["args"] == {**worker["build"]["args"], "EXTRAS": "notebook"}
+    assert "EXTRAS" not in worker["build"]["args"]
+    assert notebook["image"] != worker["image"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extra = {re.split(r"[<>=!~\[ ]", r)[0] for r in project["optional-dependencies"]["notebook"]}
+    assert extra >= {"jupyterlab", "ipywidgets"}
+    assert not {re.split(r"[<>=!~\[ ]", r)[0] for r in project["dependencies"]} & extra
+    # The Dockerfile installs the extras it is given, none by default.
+    stage = final_stage(dockerfile_instructions(REPO / "Dockerfile"))
+    assert ("ARG", "EXTRAS=") in stage
+    [install] = [a for instr, a in stage if instr == "RUN" and "doredis-src" in a and "pip install" in a]
+    assert '"/tmp/doredis-src${EXTRAS:+[$EXTRAS]}"' in install
+    rendered = {
+        e: re.sub(r"\$\{EXTRAS:\+\[\$EXTRAS\]\}", f"[{e}]" if e else "", install) for e in ("", "notebook")
+    }
+    assert 'pip install "/tmp/doredis-src"' in rendered[""]
+    assert 'pip install "/tmp/doredis-src[notebook]"' in rendered["notebook"]
+
+
+@pytest.mark.parametrize(
+    "env", [{}, {"JUPYTER_TOKEN": "t0ken", "JUPYTER_PORT": "9999", "REDIS_PASSWORD": "pw"}]
+)
+def test_notebook_runs_jupyterlab_as_a_driver(raw: dict[str, Any], env: dict[str, str]) -> None:
+    services = interpolate(raw, env)["services"]
+    notebook, driver = services["notebook"], services["driver"]
+    command = notebook["command"]
+    assert command[:2] == ["jupyter", "lab"] and "--no-browser" in command
+    options = dict(c[2:].split("=", 1) for c in command[2:] if "=" in c)
+    # The driver's settings: the same Redis, queue and DOREDIS_SECRET as the workers.
+    environment = notebook["environment"]
+    assert {k: environment[k] for k in driver["environment"]} == driver["environment"]
+    # Its token from the environment; none given: empty, so that Jupyter makes a random one
+    # (an empty JUPYTER_TOKEN environment variable does not turn authentication off).
+    assert environment["JUPYTER_TOKEN"] == env.get("JUPYTER_TOKEN", "")
+    assert "ServerApp.token" not in options and "IdentityProvider.token" not in options
+    # Reachable from this machine only, on the port Jupyter listens on.
+    [port] = notebook["ports"]
+    host_ip, host_port, container_port = port.split(":")
+    assert host_ip == "127.0.0.1" and host_port == env.get("JUPYTER_PORT", "8888")
+    assert container_port == options["port"] and options["ip"] == "0.0.0.0"
+    # Notebooks live in a named volume: the home directory, which is the server's root.
+    home = _image_home()
+    mounts = {v.split(":")[1]: v.split(":") for v in notebook["volumes"]}
+    assert mounts[home][0] in raw["volumes"], "the notebooks must survive the container"
+    assert options["ServerApp.root_dir"] == home
+    assert not environment["JUPYTER_RUNTIME_DIR"].startswith(home + "/"), "connection files stay out of it"
+    # The examples, quickstart.ipynb among them, read-only next to them.
+    examples = [m for m in mounts.values() if m[0] != mounts[home][0]]
+    assert [(Path(m[1]).parent.as_posix(), m[2]) for m in examples] == [(home, "ro")]
+    assert (REPO / examples[0][0] / "quickstart.ipynb").is_file()
+    # A healthcheck of its own: the image's is the worker's liveness.
+    assert "doredis" not in " ".join(notebook["healthcheck"]["test"])
+    assert f":{options['port']}/api" in " ".join(notebook["healthcheck"]["test"])
+    assert notebook["depends_on"]["redis"]["condition"] == "service_healthy"

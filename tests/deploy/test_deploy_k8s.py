@@ -297,6 +297,8 @@ REDIS_AUTH_PARAMETERS = {
     "keyPassword",
 }
 KEDA_OVERLAYS = ("k8s/overlays/keda", "k8s/overlays/keda-scaledjob")
+NOTEBOOK_OVERLAY = "k8s/overlays/notebook"
+NOTEBOOK_LABELS = {**DRIVER_LABELS, "app.kubernetes.io/instance": "notebook"}
 
 
 def _all_objects(renderings: dict[str, list[Obj]], driver_job: Obj) -> list[tuple[str, Obj]]:
@@ -351,7 +353,7 @@ def _expand(value: str, container: Obj, objs: list[Obj]) -> str:
 
 # ------------------------------------------------------------------ rendering
 def test_every_kustomization_renders(renderings: dict[str, list[Obj]]) -> None:
-    assert set(renderings) >= {"k8s", *KEDA_OVERLAYS, "k8s/overlays/redis-persistent"}
+    assert set(renderings) >= {"k8s", *KEDA_OVERLAYS, "k8s/overlays/redis-persistent", NOTEBOOK_OVERLAY}
     for where, objs in renderings.items():
         assert objs, f"{where} renders nothing"
         keys = [(o["apiVersion"], o["kind"], o["metadata"].get("name")) for o in objs]
@@ -441,13 +443,16 @@ def test_generate_secret_writes_random_credentials(tmp_path: Path) -> None:
         assert stat.S_IMODE(env.stat().st_mode) & 0o077 == 0, "secret.env is readable by others"
         [secret] = find(render(k8s), "Secret", "doredis")
         data = secret_values(secret)
-        assert set(data) == {"redis-password", "doredis-secret", "redis-address"}
+        assert set(data) == {"redis-password", "doredis-secret", "redis-address", "jupyter-token"}
         assert re.fullmatch(r"[0-9a-f]{48}", data["redis-password"]), "URL-safe, 192 bits"
         assert re.fullmatch(r"[0-9a-f]{64}", data["doredis-secret"]), "256 bits"
+        assert re.fullmatch(r"[0-9a-f]{48}", data["jupyter-token"]), "192 bits"
         assert data["redis-address"] == "redis.ns-1.svc.cluster.local:6379"
         values.append(data)
     assert values[0]["redis-password"] != values[1]["redis-password"]
     assert values[0]["doredis-secret"] != values[1]["doredis-secret"]
+    assert values[0]["jupyter-token"] != values[1]["jupyter-token"]
+    assert len({*values[0].values()}) == len(values[0]), "every value its own"
 
 
 def test_generate_secret_keeps_existing_credentials_unless_forced(tmp_path: Path) -> None:
@@ -1282,3 +1287,187 @@ def test_driver_job_scales_the_workers_of_its_own_namespace(
     # ...and its default Deployment is the one the driver's Role may scale.
     [scale_rule] = [r for r in one(base, "Role", "doredis-driver")["rules"] if "resourceNames" in r]
     assert [sub.params["deployment"]] == scale_rule["resourceNames"] == [_worker(base)["metadata"]["name"]]
+
+
+# ------------------------------------------------------------------ notebook
+def _notebook(objs: list[Obj]) -> Obj:
+    return one(objs, "Deployment", "notebook")
+
+
+def _key(obj: Obj) -> tuple[str, str, str]:
+    return (obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
+
+
+def _image_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instr, args in final_stage(dockerfile_instructions(REPO / "Dockerfile")):
+        if instr == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+    return env
+
+
+def test_notebook_overlay_adds_jupyterlab_and_leaves_the_base_alone(renderings: dict[str, list[Obj]]) -> None:
+    base, objs = renderings["k8s"], renderings[NOTEBOOK_OVERLAY]
+    added = {_key(o) for o in objs} - {_key(o) for o in base}
+    assert added == {
+        ("apps/v1", "Deployment", "notebook"),
+        ("v1", "Service", "notebook"),
+        ("v1", "PersistentVolumeClaim", "notebooks"),
+        ("networking.k8s.io/v1", "NetworkPolicy", "notebook"),
+    }
+    # Not even the workers' image: the overlay's images entry names only the notebook's.
+    assert [o for o in objs if _key(o) not in added] == base
+
+
+def test_notebook_runs_jupyterlab_from_the_notebook_image(renderings: dict[str, list[Obj]]) -> None:
+    objs = renderings[NOTEBOOK_OVERLAY]
+    notebook = _notebook(objs)
+    spec = pod_spec(notebook)
+    assert spec is not None
+    container = _container(notebook, "notebook")
+    worker_image = _container(_worker(objs), "worker")["image"]
+    # The Dockerfile built with --build-arg EXTRAS=notebook, from the workers' repository.
+    assert container["image"] == f"{worker_image.rsplit(':', 1)[0]}:notebook" != worker_image
+    args = container["args"]
+    assert args[:2] == ["jupyter", "lab"] and "--no-browser" in args
+    options = dict(a[2:].split("=", 1) for a in args[2:] if "=" in a)
+    assert not {"ServerApp.token", "IdentityProvider.token", "ServerApp.password"} & set(options)
+    # The home directory - notebooks, settings, pip --user packages - is the PVC, and the
+    # server's root; /tmp (and the kernels' connection files) an emptyDir.
+    image_env = _image_env()
+    home, user_base = image_env["HOME"], image_env["PYTHONUSERBASE"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    claim = mounts[home]["persistentVolumeClaim"]["claimName"]
+    pvc = one(objs, "PersistentVolumeClaim", claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert options["ServerApp.root_dir"] == home and user_base.startswith(home + "/")
+    assert "emptyDir" in mounts["/tmp"]
+    assert env_value(container, "JUPYTER_RUNTIME_DIR")["value"].startswith("/tmp/")
+    # One pod on one RWO volume: the old pod goes first; the volume is writable by the image's user.
+    assert notebook["spec"]["replicas"] == 1 and notebook["spec"]["strategy"]["type"] == "Recreate"
+    uid = int(
+        [a for instr, a in final_stage(dockerfile_instructions(REPO / "Dockerfile")) if instr == "USER"][
+            -1
+        ].split(":")[0]
+    )
+    assert spec["securityContext"]["runAsUser"] == uid == spec["securityContext"]["fsGroup"]
+    # Jupyter's port: the container's, the probes' (GET /api needs no token), the Service's.
+    [port] = container["ports"]
+    assert str(port["containerPort"]) == options["port"] and options["ip"] == "0.0.0.0"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/api", "port": port["name"]}, probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "time for EXTRA_PIP_PACKAGES"
+    service = one(objs, "Service", "notebook")
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8888, port["name"])]
+    assert service["spec"]["type"] == "ClusterIP", "reached with kubectl port-forward, not exposed"
+
+
+def test_notebook_is_a_driver_of_this_namespace(renderings: dict[str, list[Obj]], driver_job: Obj) -> None:
+    """The same Redis URL, secret, queue and namespace-scoped `doredis scale` as the driver Job,
+    and its token from the generated Secret."""
+    objs = renderings[NOTEBOOK_OVERLAY]
+    notebook = _notebook(objs)
+    spec = pod_spec(notebook)
+    assert spec is not None
+    container = _container(notebook, "notebook")
+    driver = _container(driver_job, "driver")
+    assert spec["serviceAccountName"] == driver_job["spec"]["template"]["spec"]["serviceAccountName"]
+    assert spec.get("automountServiceAccountToken", True), "`doredis scale` needs the API token"
+    one(objs, "RoleBinding", "doredis-driver")
+    assert container["envFrom"] == driver["envFrom"]
+    for name in (
+        "REDIS_PASSWORD",
+        "DOREDIS_REDIS_URL",
+        "DOREDIS_SECRET",
+        "POD_NAMESPACE",
+        "DOREDIS_SCALE_NAMESPACE",
+    ):
+        assert env_value(container, name) == env_value(driver, name), name
+    worker = _container(_worker(objs), "worker")
+    url = _expand(env_value(container, "DOREDIS_REDIS_URL")["value"], container, objs)
+    assert url == _expand(env_value(worker, "DOREDIS_REDIS_URL")["value"], worker, objs)
+    ref = env_value(container, "JUPYTER_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "doredis", "key": "jupyter-token"}
+    token = _secret_data(objs, "doredis")["jupyter-token"]
+    assert re.fullmatch(r"[0-9a-f]{48}", token)
+
+
+def test_only_the_notebook_pod_is_selected_and_nothing_but_it_reaches_it(
+    renderings: dict[str, list[Obj]], driver_job: Obj
+) -> None:
+    objs = renderings[NOTEBOOK_OVERLAY]
+    pod = _notebook(objs)["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches({"matchLabels": NOTEBOOK_LABELS}, pod)
+    others = [
+        driver_job["spec"]["template"]["metadata"]["labels"],
+        *(
+            d["spec"]["template"]["metadata"]["labels"]
+            for d in find(objs, "Deployment")
+            if d["metadata"]["name"] != "notebook"
+        ),
+    ]
+    service = one(objs, "Service", "notebook")
+    policy = one(objs, "NetworkPolicy", "notebook")
+    for selector in (service["spec"]["selector"], policy["spec"]["podSelector"]["matchLabels"]):
+        assert selector_matches({"matchLabels": selector}, pod)
+        assert not [o for o in others if selector_matches({"matchLabels": selector}, o)]
+    # No pod may connect to it (port-forward and the kubelet's probes are not pod traffic)...
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and policy["spec"]["ingress"] == []
+    # ...and it is one of the drivers the base's NetworkPolicy lets reach Redis.
+    redis_pod = one(objs, "Deployment", "redis")["spec"]["template"]["metadata"]["labels"]
+    peers = [
+        peer["podSelector"]
+        for p in find(objs, "NetworkPolicy")
+        if selector_matches(p["spec"]["podSelector"], redis_pod)
+        for rule in p["spec"]["ingress"]
+        for peer in rule["from"]
+    ]
+    assert [p for p in peers if selector_matches(p, pod)]
+
+
+def test_notebook_component_joins_another_overlay(tmp_path: Path) -> None:
+    """The notebook is a kustomize Component: added to the KEDA overlay, it brings the same
+    objects and leaves KEDA's (the workers' replica count stays KEDA's)."""
+    k8s = k8s_copy_with_secret(tmp_path / "k8s", TEST_NAMESPACE)
+    combined = k8s / "overlays" / "keda-notebook"
+    combined.mkdir()
+    (combined / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources:\n  - ../keda\ncomponents:\n  - ../../components/notebook\n",
+        encoding="utf-8",
+    )
+    objs, keda, notebook = (
+        render(combined),
+        render(k8s / "overlays" / "keda"),
+        render(k8s / "overlays" / "notebook"),
+    )
+    base = {_key(o) for o in render(k8s)}
+    assert [o for o in objs if _key(o) in {_key(k) for k in keda}] == keda
+    assert [o for o in objs if _key(o) not in {_key(k) for k in keda}] == [
+        o for o in notebook if _key(o) not in base
+    ]
+    assert "replicas" not in _worker(objs)["spec"]
+
+
+def test_generate_secret_adds_a_jupyter_token_to_an_older_secret_env(tmp_path: Path) -> None:
+    """A secret.env written before the notebook overlay gets a token, and keeps every credential."""
+    k8s = k8s_copy_with_secret(tmp_path / "k8s", "ns-2")
+    env = k8s / SECRET_ENV
+    lines = env.read_text().splitlines()
+    older = "\n".join(line for line in lines if not line.startswith("jupyter-token="))  # no final newline
+    env.write_text(older)
+    proc = _generate(k8s, "other-ns")
+    assert proc.returncode == 0, proc.stderr
+    assert "jupyter-token" in proc.stderr
+    text = env.read_text()
+    assert text.startswith(older + "\n") and "redis.ns-2.svc" in text
+    [added] = text[len(older) + 1 :].splitlines()
+    assert re.fullmatch(r"jupyter-token=[0-9a-f]{48}", added)
+    assert stat.S_IMODE(env.stat().st_mode) & 0o077 == 0
+    data = secret_values(one(render(k8s / "overlays" / "notebook"), "Secret", "doredis"))
+    assert data["jupyter-token"] == added.split("=", 1)[1]
+    # Now complete: kept as it is, as before.
+    again = _generate(k8s)
+    assert again.returncode != 0 and env.read_text() == text

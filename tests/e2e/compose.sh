@@ -16,7 +16,11 @@
 # 5. starts redis and 3 workers, runs the driver (tests/e2e/driver_e2e.py, as the
 #    compose `driver` service) over E2E_TASKS tasks, and while it runs scales the
 #    workers up to 5 and down to 2 (SIGTERM); asserts every result came back once,
-#    in order, from more than one worker.
+#    in order, from more than one worker;
+# 6. (notebook_step) builds the notebook image (the Dockerfile with EXTRAS=notebook: JupyterLab from
+#    PyPI), starts the compose `notebook` service, checks its token on its loopback port, and runs
+#    examples/quickstart.ipynb in it (tests/e2e/notebook_e2e.py, nbclient + a real kernel) against
+#    the project's Redis and workers; asserts the outputs, and that the tasks ran on the workers.
 #
 # Takes about 2 min on a fresh machine, 25 s with the base images cached (same machine).
 #
@@ -430,4 +434,65 @@ done
 (($(n_workers) == 2)) || { log "expected 2 workers still running, found: $(workers | xargs)"; failed=1; }
 
 ((failed == 0)) || die "assertions failed (see above)"
+
+# ---------------------------------------------------------------------------------------------
+# 6. The notebook driver: JupyterLab from the compose `notebook` profile runs the quickstart
+#    notebook against this project's Redis and workers
+# ---------------------------------------------------------------------------------------------
+notebook_step() {
+    export JUPYTER_TOKEN=e2e-token-$RANDOM$RANDOM$RANDOM
+    export JUPYTER_PORT
+    JUPYTER_PORT=$("${HELPER[@]}" free-port)
+    log "podman-compose build notebook (EXTRAS=notebook: JupyterLab from PyPI)"
+    bgwait "${PC[@]}" --profile notebook "--podman-build-args=--pull=never ${E2E_BUILD_ARGS:-}" build notebook \
+        >"$WORK/build-notebook.log" 2>&1 || { tail -40 "$WORK/build-notebook.log"; die "building the notebook image"; }
+    # The profile mounts DOREDIS_SCRIPTS_DIR read-only at ~/examples.
+    cp "$REPO/examples/quickstart.ipynb" "$E2E_DIR/notebook_e2e.py" "$DOREDIS_SCRIPTS_DIR/"
+    chmod 644 "$DOREDIS_SCRIPTS_DIR/quickstart.ipynb" "$DOREDIS_SCRIPTS_DIR/notebook_e2e.py"
+    log "up: notebook (127.0.0.1:$JUPYTER_PORT)"
+    bgwait "${PC_RUN[@]}" --profile notebook up -d --no-build --no-recreate notebook >"$WORK/up-notebook.log" 2>&1 \
+        || { cat "$WORK/up-notebook.log"; die "podman-compose up notebook"; }
+    local nb_c=${PROJ}_notebook_1
+    nb_healthy() { podman healthcheck run "$nb_c" >/dev/null 2>&1; }
+    wait_for "notebook healthcheck (compose file's: GET /api)" 180 nb_healthy
+    # JUPYTER_TOKEN from the environment guards the API, on the compose file's loopback port.
+    "$PY" - "$JUPYTER_PORT" "$JUPYTER_TOKEN" >"$WORK/notebook-token.log" 2>&1 <<'PYEOF' \
+        || die "notebook token check: $(cat "$WORK/notebook-token.log")"
+import sys
+import urllib.error
+import urllib.request
+
+port, token = sys.argv[1], sys.argv[2]
+
+
+def status(headers):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=10).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+codes = (status({"Authorization": f"token {token}"}), status({"Authorization": "token wrong"}), status({}))
+print("GET /api/status with the token, a wrong one, none:", codes)
+sys.exit(0 if codes == (200, 403, 403) else 1)
+PYEOF
+    log "$(cat "$WORK/notebook-token.log")"
+    log "exec: quickstart.ipynb in $nb_c (nbclient, a real kernel)"
+    bgwait podman exec "$nb_c" python /home/doredis/examples/notebook_e2e.py /home/doredis/examples/quickstart.ipynb \
+        /home/doredis >"$WORK/notebook.log" 2>&1 || { tail -60 "$WORK/notebook.log"; die "the quickstart notebook"; }
+    local summary hosts
+    summary=$(grep '^E2E_NOTEBOOK ' "$WORK/notebook.log") || die "no E2E_NOTEBOOK line: $(tail -20 "$WORK/notebook.log")"
+    hosts=$(for c in $(workers); do podman inspect -f '{{.Config.Hostname}}' "$c"; done | xargs)
+    "$PY" -c '
+import json, sys
+ran = {w.rsplit(":", 1)[0] for w in json.loads(sys.argv[1][len("E2E_NOTEBOOK "):])["workers"]}
+workers = set(sys.argv[2].split())
+print(f"notebook tasks ran on {sorted(ran)}; compose workers {sorted(workers)}")
+sys.exit(0 if ran and ran <= workers else 1)
+' "$summary" "$hosts" || die "the notebook's tasks did not run on the compose workers"
+    log "notebook: $summary"
+}
+notebook_step
+
 RESULT=PASS
