@@ -10,12 +10,13 @@ from .driver.api import attach, imap, parallel_foreach, submit
 from .driver.executor import Executor
 from .driver.run import Run
 from .embedded import local_cluster
-from .errors import RedisOutage, RunCancelled, RunFailed, TaskError, TaskTimeout, WorkerLost
+from .errors import CheckpointError, RedisOutage, RunCancelled, RunFailed, TaskError, TaskTimeout, WorkerLost
 from .serialization import SignatureError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "Executor",
     "RedisOutage",
     "Run",

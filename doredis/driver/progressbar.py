@@ -21,17 +21,24 @@ class _Silent(tqdm):
 
 
 class ProgressBar:
-    def __init__(self, enabled: bool, total: int | None, run_id: str) -> None:
+    def __init__(self, enabled: bool, total: int | None, run_id: str, resumed: int = 0) -> None:
         kind = tqdm if enabled else _Silent
         self.bar = kind(
-            total=total, unit="task", file=sys.stderr, disable=not enabled, desc=f"doredis {run_id}"
+            total=total,
+            initial=resumed,
+            unit="task",
+            file=sys.stderr,
+            disable=not enabled,
+            desc=f"doredis {run_id}",
         )
+        self.resumed = resumed  # tasks whose results came from a checkpoint: done from the start
         self._workers: int | None = None
         self._redis_down = False
 
     def set_total(self, total: int | None) -> None:
         if total is not None:
             self.bar.total = total
+            self._show()
             self.bar.refresh()
 
     def advance(self, tasks: int) -> None:
@@ -51,14 +58,22 @@ class ProgressBar:
         if self._redis_down:
             text = "Redis unreachable: reconnecting (the run is kept)"
         elif self._workers is None:
-            return
+            text = ""
         else:
             text = (
                 "no worker connected: tasks wait in the queue"
                 if self._workers == 0
                 else f"workers={self._workers}"
             )
-        self.bar.set_postfix_str(text)
+        if self.resumed:
+            text = ", ".join(filter(None, [self.from_checkpoint(), text]))
+        if text:
+            self.bar.set_postfix_str(text)
+
+    def from_checkpoint(self) -> str:
+        """ "1,800 of 2,000 from checkpoint" (the total once known)."""
+        total = f"{self.bar.total:,}" if self.bar.total is not None else "?"
+        return f"{self.resumed:,} of {total} from checkpoint"
 
     def close(self) -> None:
         self.bar.close()
