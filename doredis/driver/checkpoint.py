@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -59,22 +60,27 @@ CREATE TABLE chunks (
 
 
 # -- fingerprints -------------------------------------------------------------------------------
-def _dumps(obj: Any) -> bytes:
+def _dumps_flat(obj: Any, pickler: type) -> bytes:
+    """``obj`` pickled without the memo: an object met twice is written twice, so how items
+    share references does not change the bytes (a cycle raises ValueError)."""
+    buffer = io.BytesIO()
+    p = pickler(buffer, protocol=5)
+    p.fast = True
+    p.dump(obj)
+    return buffer.getvalue()
+
+
+def items_fingerprint(items: list) -> bytes:
+    """A 16-byte digest of these items, in order: one pickling of the list, without the memo
+    (so equal items give equal digests however they share references)."""
     try:
-        return pickle.dumps(obj, protocol=5)
+        data = _dumps_flat(items, pickle.Pickler)
     except Exception:
-        return cloudpickle.dumps(obj, protocol=5)
-
-
-def items_fingerprint(items: Iterable) -> bytes:
-    """A 16-byte digest of these items, in order (each pickled on its own: shared references
-    between items do not change it)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for item in items:
-        data = _dumps(item)
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.digest()
+        try:
+            data = _dumps_flat(items, cloudpickle.CloudPickler)
+        except Exception:  # a cycle: the memo it needs is part of the digest then
+            data = cloudpickle.dumps(items, protocol=5)
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _feed_code(digest, code: types.CodeType) -> None:
@@ -229,12 +235,14 @@ class CheckpointStore:
 
     @staticmethod
     def _create(db: sqlite3.Connection, kind: str, items: int, function: str) -> dict[str, str]:
+        # A new empty file holds nothing to lose: created without fsyncs (they cost more than a
+        # short run of tiny tasks); the run's results are committed with synchronous=NORMAL.
+        db.execute("PRAGMA synchronous=OFF")
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         facts = {"kind": kind, "items": str(items), "function": function, "created": repr(time.time())}
         db.execute("BEGIN")
+        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         for statement in filter(str.strip, _SCHEMA.split(";")):
             db.execute(statement)
         db.executemany("INSERT INTO run VALUES (?, ?)", facts.items())

@@ -66,7 +66,9 @@ class Resume:
                     raise CheckpointError(
                         f"checkpoint {store.path} belongs to another input: items {chunk.start}..{end - 1} "
                         "are not those whose results it holds; it was left as it is. Pass the same items "
-                        "to resume, or give this run another checkpoint file"
+                        "to resume, or give this run another checkpoint file. (Items compare by their "
+                        "pickle: one that varies between runs, such as a set of strings, looks changed; "
+                        "pass such items in a stable form, a sorted tuple say)"
                     )
             store.claim(function)
         except BaseException:
