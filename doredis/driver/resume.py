@@ -77,11 +77,11 @@ class Resume:
         resume = cls(store, items, stored, kind == "reduce")
         if resume.resumed:
             log.info(
-                "checkpoint %s: %d of %d tasks from checkpoint; submitting the %d missing",
+                "checkpoint %s: %s of %s tasks from checkpoint; submitting the %s missing",
                 store.path,
-                resume.resumed,
-                resume.total,
-                resume.total - resume.resumed,
+                f"{resume.resumed:,}",
+                f"{resume.total:,}",
+                f"{resume.total - resume.resumed:,}",
             )
         return resume
 
