@@ -12,7 +12,7 @@ from .. import connection, embedded, protocol, serialization
 from ..errors import RunCancelled, RunFailed
 from ..protocol import DEFAULT_QUEUE, RunKeys
 from .options import RunOptions, validate
-from .resume import Resume
+from .resume import Resume, StoredRun
 from .run import Run
 from .serial import SerialRun
 from .submit import submit_run
@@ -59,7 +59,7 @@ def submit(
     backend: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_reuse: bool = False,
-) -> Run | SerialRun:
+) -> Run | SerialRun | StoredRun:
     """Submit ``fn`` over ``items`` and return at once with a :class:`Run` (``id``, ``progress()``,
     ``results()``, ``cancel()``); the options are those of :func:`parallel_foreach`."""
     options = validate(
@@ -88,6 +88,8 @@ def submit(
         return submit_run(_connect(redis), items, fn, options)
     # before Redis: a bad file fails fast, and a finished run's checkpoint is read anyway
     resume = Resume.open(checkpoint, items, fn, options, reuse=checkpoint_reuse)
+    if resume.resumed == resume.total:
+        return StoredRun(resume, options)  # every result is stored: Redis is not needed
     try:
         return submit_run(_connect(redis), resume.items, fn, options, checkpoint=resume)
     except BaseException:
@@ -140,6 +142,12 @@ def attach(run_id: str, *, redis: str | redis_py.Redis | None = None, progress: 
     if meta.get("state") == protocol.SUBMITTING:
         raise RuntimeError(
             f"run {run_id} was never completely submitted (its driver died while submitting); submit it again"
+        )
+    if int(meta.get(protocol.META_RESUMED, 0)):
+        raise RuntimeError(
+            f"run {run_id} resumed from a checkpoint: {meta[protocol.META_RESUMED]} of its results are in "
+            "that file, not in Redis. Call the same thing again with the same checkpoint= instead (it "
+            "submits only what is still missing)"
         )
     if meta.get("state") == protocol.DONE:
         raise LookupError(f"run {run_id} was already gathered to the end by its driver; its results are gone")

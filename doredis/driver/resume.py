@@ -182,3 +182,42 @@ class ResumingCollector(Collector):
     def end(self) -> list[Any]:
         """Every submitted chunk is in: the stored results after the last one."""
         return self._stored_up_to(self.resume.total)
+
+
+class StoredRun:
+    """A run whose every result is in its checkpoint: nothing to submit, no Redis needed.
+
+    The same interface as :class:`~doredis.driver.run.Run` (``results()``, iteration,
+    ``progress()``, ``cancel()``)."""
+
+    def __init__(self, resume: Resume, options: RunOptions) -> None:
+        self.id = f"checkpoint:{resume.store.path}"
+        self.options = options
+        self._resume = resume
+        self._gathered: tuple[Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<doredis run from {self._resume.store.path}: all {self._resume.total} results stored>"
+
+    def progress(self) -> tuple[int, int, int | None]:
+        return self._resume.total, 0, self._resume.total
+
+    def cancel(self) -> int:
+        self._resume.close()
+        return 0
+
+    def results(self) -> Any:
+        if self._gathered is None:
+            collector = self._resume.collector(self.options)
+            try:
+                values = collector.end()
+            finally:
+                self._resume.close()
+            self._gathered = (collector.reduced if self.options.reduce is not None else values,)
+        return self._gathered[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iterate()
+
+    def iterate(self, deadline: float | None = None) -> Iterator[Any]:
+        yield from self.results()

@@ -210,7 +210,12 @@ def test_bad_checkpoints_are_refused_by_name_and_left_unchanged(redis_url, queue
     assert _snapshot(checkpoint) == snapshot
     assert executions(tmp_path) == before  # nothing was submitted
 
-    # Asked explicitly, a changed function reuses the stored results.
+    # Every result stored: no Redis is needed (no server listens at this address).
+    offline = {**opts, "redis": "redis://127.0.0.1:9/0"}
+    assert doredis.parallel_foreach(items, counted_square, **offline) == [i * i for i in range(40)]
+    assert list(doredis.imap(items, counted_square, **offline))[-1] == 39 * 39
+    # Asked explicitly, a changed function reuses the stored results (and the
+    # file records the new function from then on).
     reused = doredis.parallel_foreach(items, tasks_checkpoint.counted_cube, checkpoint_reuse=True, **opts)
     assert reused == [i * i for i in range(40)] and executions(tmp_path) == before
 
