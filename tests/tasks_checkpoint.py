@@ -37,3 +37,14 @@ def counted_cube(item):
 def executions(directory) -> int:
     """How many tasks have run (finished their work) with this directory."""
     return sum(1 for _ in Path(directory).glob("exec-*"))
+
+
+def counted_random(item):
+    """``item = (i, directory, _)``: a draw from the task's seeded stream (fails like counted_square)."""
+    import doredis
+
+    i, directory, _ = item
+    (Path(directory) / f"exec-{i}-{uuid.uuid4().hex}").touch()
+    if (Path(directory) / f"fail-{i}").exists():
+        raise ValueError(f"item {i} was told to fail")
+    return doredis.task_rng().random()

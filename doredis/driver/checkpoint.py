@@ -179,6 +179,7 @@ class CheckpointStore:
         self.facts = facts
         self._pending: list[tuple] = []
         self._cond = threading.Condition()
+        self._db_lock = threading.Lock()  # the gathering thread reads while the flusher writes
         self._closed = False
         self.error: BaseException | None = None
         self._flusher = threading.Thread(target=self._flush_loop, name="doredis-checkpoint", daemon=True)
@@ -324,7 +325,8 @@ class CheckpointStore:
 
     def values(self, rowid: int) -> list:
         """The stored values of one chunk (one partial fold, or none, for a reduce run)."""
-        (data,) = self._db.execute("SELECT data FROM chunks WHERE rowid = ?", (rowid,)).fetchone()
+        with self._db_lock:
+            (data,) = self._db.execute("SELECT data FROM chunks WHERE rowid = ?", (rowid,)).fetchone()
         return pickle.loads(data)
 
     # -- writing --------------------------------------------------------------------------------
@@ -345,7 +347,9 @@ class CheckpointStore:
             (start, len(items), items_fingerprint(items), failed, data)
             for start, items, failed, data in pending
         ]
-        if rows:
+        if not rows:
+            return
+        with self._db_lock:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)", rows)
             self._db.execute("COMMIT")

@@ -188,6 +188,25 @@ def test_imap_unordered_and_reduce_resume_in_their_order(redis_url, queue, worke
     assert executions(tmp_path) - before == 4 + 4 + 12
 
 
+@pytest.mark.timeout(120)
+def test_a_resumed_seeded_run_draws_what_an_uninterrupted_one_does(redis_url, queue, workers, tmp_path):
+    """The missing tasks run under their own indices, so their random streams are theirs."""
+    workers.start(2)
+    items = _items(tmp_path, 30)
+    opts = {"redis": redis_url, "queue": queue, "seed": 7, "chunk_size": 4}
+    uninterrupted = doredis.parallel_foreach(items, tasks_checkpoint.counted_random, **opts)
+    for i in (0, 13, 14, 29):
+        (tmp_path / f"fail-{i}").touch()
+    checkpoint = tmp_path / "seeded.ckpt"
+    doredis.parallel_foreach(
+        items, tasks_checkpoint.counted_random, errors="skip", checkpoint=checkpoint, **opts
+    )
+    for i in (0, 13, 14, 29):
+        (tmp_path / f"fail-{i}").unlink()
+    resumed = doredis.parallel_foreach(items, tasks_checkpoint.counted_random, checkpoint=checkpoint, **opts)
+    assert resumed == uninterrupted
+
+
 @pytest.mark.timeout(180)
 def test_bad_checkpoints_are_refused_by_name_and_left_unchanged(redis_url, queue, workers, tmp_path):
     workers.start(2)
