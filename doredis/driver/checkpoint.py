@@ -35,6 +35,7 @@ import sqlite3
 import threading
 import time
 import types
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -392,6 +393,10 @@ class CheckpointStore:
 _FIX = "Point checkpoint= at a new file (or delete this one) to start from scratch"
 
 
+def _read_only(path: str) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)
+
+
 def _nonempty(path: str) -> bool:
     try:
         return os.path.getsize(path) > 0
@@ -402,7 +407,7 @@ def _nonempty(path: str) -> bool:
 def _owner(path: str) -> str:
     """Who holds the checkpoint, as it recorded itself (read only)."""
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = _read_only(path)
         try:
             row = db.execute("SELECT value FROM run WHERE key = 'driver'").fetchone()
         finally:
@@ -414,7 +419,7 @@ def _owner(path: str) -> str:
 
 def describe(path: str | os.PathLike) -> dict[str, int]:
     """``{"items": n, "done": k}`` of a checkpoint file, read only (for tests and tools)."""
-    db = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True)
+    db = _read_only(os.fspath(path))
     try:
         items = int(db.execute("SELECT value FROM run WHERE key = 'items'").fetchone()[0])
         done = 0

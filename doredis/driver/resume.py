@@ -47,6 +47,7 @@ class Resume:
                 if i not in chunk.failed and self._owner[i] < 0:
                     self._owner[i] = pos
         self.resumed = self.total - self._owner.count(-1)
+        self._fold_pos = 0  # stored chunks before this one have been folded (a reduce run)
 
     @classmethod
     def open(
@@ -136,9 +137,13 @@ class Resume:
         return values
 
     def stored_folds(self, lo: int, hi: int) -> Iterator[Any]:
-        """The fold inputs stored for the chunks starting in ``lo..hi-1`` (a reduce run), in order."""
-        for chunk in self._stored:
-            if lo <= chunk.start < hi:
+        """The fold inputs stored for the chunks starting in ``lo..hi-1`` (a reduce run), in order.
+
+        Calls come with increasing, disjoint ranges: each stored chunk is visited once."""
+        while self._fold_pos < len(self._stored) and self._stored[self._fold_pos].start < hi:
+            chunk = self._stored[self._fold_pos]
+            self._fold_pos += 1
+            if chunk.start >= lo:
                 yield from self.store.values(chunk.rowid)
 
     def close(self) -> None:
