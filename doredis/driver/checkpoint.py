@@ -393,8 +393,9 @@ class CheckpointStore:
 _FIX = "Point checkpoint= at a new file (or delete this one) to start from scratch"
 
 
-def _read_only(path: str) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)
+def _existing(path: str, mode: str) -> sqlite3.Connection:
+    """A connection to an existing database (``mode`` "ro" or "rw": never creates one)."""
+    return sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode={mode}", uri=True)
 
 
 def _nonempty(path: str) -> bool:
@@ -407,7 +408,7 @@ def _nonempty(path: str) -> bool:
 def _owner(path: str) -> str:
     """Who holds the checkpoint, as it recorded itself (read only)."""
     try:
-        db = _read_only(path)
+        db = _existing(path, "ro")
         try:
             row = db.execute("SELECT value FROM run WHERE key = 'driver'").fetchone()
         finally:
@@ -418,8 +419,9 @@ def _owner(path: str) -> str:
 
 
 def describe(path: str | os.PathLike) -> dict[str, int]:
-    """``{"items": n, "done": k}`` of a checkpoint file, read only (for tests and tools)."""
-    db = _read_only(os.fspath(path))
+    """``{"items": n, "done": k}`` of a checkpoint file (for tests and tools). It only reads,
+    except that a commit a killed driver left half done is rolled back, as any open does."""
+    db = _existing(os.fspath(path), "rw")
     try:
         items = int(db.execute("SELECT value FROM run WHERE key = 'items'").fetchone()[0])
         done = 0
