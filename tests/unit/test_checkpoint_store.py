@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 from helpers import wait_until
@@ -100,3 +103,31 @@ def test_an_interrupted_creation_or_foreign_database_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="not a doredis checkpoint"):
         CheckpointStore.open(path, kind="list", items=3, function="f", reuse=False)
     assert path.read_bytes() == before
+
+
+_KILLED_MID_COMMIT = """
+import os, signal, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size=2")  # pages spill into the database file before the commit
+db.execute("BEGIN")
+rows = [(1000 + i, 1, b"x" * 16, "", b"y" * 200_000) for i in range(50)]
+db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)", rows)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_commit_cut_short_by_sigkill_is_rolled_back_and_the_rest_kept(tmp_path):
+    path = tmp_path / "c.ckpt"
+    resume = Resume.open(path, range(10), _square, RunOptions(), reuse=False)
+    resume.store.record(0, [0, 1, 2], [], [0, 1, 4])
+    resume.close()
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_COMMIT, str(path)])
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "c.ckpt-journal").stat().st_size > 0  # a hot journal, a half-written file
+
+    again = Resume.open(path, range(10), _square, RunOptions(), reuse=False)
+    try:
+        assert again.resumed == 3 and again.stored_values(0, 10) == [0, 1, 4]
+    finally:
+        again.close()
+    assert not (tmp_path / "c.ckpt-journal").exists()
