@@ -49,6 +49,10 @@ RUN pip install "/tmp/doredis-src${EXTRAS:+[$EXTRAS]}" \
  && rm -rf /tmp/doredis-src \
  && doredis --help >/dev/null
 
+# Where a driver keeps its checkpoint files (a volume in compose and Kubernetes): a fresh named
+# volume takes this directory's owner, so the non-root user can write there.
+RUN install -d -o 10001 -g 10001 /checkpoints
+
 COPY docker/entrypoint.sh /usr/local/bin/doredis-entrypoint
 RUN chmod 0755 /usr/local/bin/doredis-entrypoint
 

@@ -16,6 +16,9 @@ Rows:
 4. 200 tasks each returning 1 MB (bytes): MB/s gathered by the driver. Target: >= 100 MB/s.
 5. The same no-op tasks as one plain rq job each (``Queue.enqueue_many``, run by 2 plain rq
    SimpleWorker processes, and by rq's default forking worker), to show what chunking buys.
+6. The cost of ``checkpoint=PATH`` (every result written to a local SQLite file as it arrives):
+   rows 1 and 4 with and without a checkpoint (a new file each time, interleaved). Target: the
+   checkpointed run keeps >= 0.5x the rate of the plain one.
 
 Everything runs in this process tree: a private redis-server on a unix socket
 (``doredis.embedded.RedisServer``) and worker subprocesses, all torn down at the end.
@@ -349,6 +352,36 @@ class Bench:
         row.result = verdict(rate >= 100, f"{rate:,.0f} MB/s")
         return row
 
+    # 6 ---------------------------------------------------------------------------------------------
+    def checkpoint_cost(self, number: str, kind: str) -> Row:
+        """Rows 1 (no-ops) or 4 (1 MB results) with and without ``checkpoint=``."""
+        if kind == "noop":
+            n, reps, fn, unit = self.sizes.noop_tasks, self.sizes.noop_repeats, self.tasks.noop, "tasks/s"
+            name = f"{n:,} no-op tasks with vs without checkpoint (best of {reps})"
+            self.run(range(1000), fn)
+        else:
+            n, reps, fn, unit = self.sizes.mb_tasks, self.sizes.mb_repeats, self.tasks.megabyte, "MB/s"
+            name = f"{n} tasks returning 1 MB each with vs without checkpoint (best of {reps})"
+        row = Row(number, name, target=">= 0.5x without")
+        directory = Path(tempfile.mkdtemp(prefix="doredis-bench-ckpt-"))
+        plain, checked, size = [], [], 0
+        try:
+            for rep in range(reps):  # interleaved, so a busy moment of the machine hits both alike
+                plain.append(timed(lambda: self.run(range(n), fn)))
+                path = directory / f"run-{rep}.ckpt"
+                checked.append(timed(lambda: self.run(range(n), fn, checkpoint=path)))  # noqa: B023
+                size = path.stat().st_size
+        finally:
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+        t_plain, t_ckpt = min(plain), min(checked)
+        ratio = t_plain / t_ckpt
+        row.doredis = f"with: {fmt_rate(n / t_ckpt, unit)} ({t_ckpt:.3f} s, file {size / MB:,.1f} MB)"
+        row.peer = f"without: {fmt_rate(n / t_plain, unit)} ({t_plain:.3f} s)"
+        row.result = verdict(ratio >= 0.5, f"{ratio:.2f}x without")
+        return row
+
     # 5 ---------------------------------------------------------------------------------------------
     def plain_rq(self, number: str, worker_class: str | None, jobs: int, label: str) -> Row:
         from rq import Queue
@@ -446,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
              lambda: bench.plain_rq("5a", "rq.worker.SimpleWorker", sizes.rq_jobs, "rq SimpleWorkers")),
             (Row("5b", "plain rq, forking worker"),
              lambda: bench.plain_rq("5b", None, sizes.rq_fork_jobs, "rq (forking) Workers")),
+            (Row("6a", "checkpoint cost, no-ops"), lambda: bench.checkpoint_cost("6a", "noop")),
+            (Row("6b", "checkpoint cost, 1 MB results"), lambda: bench.checkpoint_cost("6b", "mb")),
         ]
         for placeholder, step in steps:
             log(f"# row {placeholder.number}: {placeholder.name} ...")

@@ -10,7 +10,7 @@ from .driver.api import attach, imap, parallel_foreach, submit
 from .driver.executor import Executor
 from .driver.run import Run
 from .embedded import local_cluster
-from .errors import RedisOutage, RunCancelled, RunFailed, TaskError, TaskTimeout, WorkerLost
+from .errors import CheckpointError, RedisOutage, RunCancelled, RunFailed, TaskError, TaskTimeout, WorkerLost
 from .joblib_hook import install as _install_joblib_backend
 from .serialization import SignatureError
 
@@ -19,6 +19,7 @@ _install_joblib_backend()  # joblib.parallel_config(backend="doredis"), without 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "Executor",
     "RedisOutage",
     "Run",

@@ -148,3 +148,9 @@ class RedisOutage(ConnectionError):
     The run is not cancelled; the message names the server (password redacted), the run id and
     how to ``attach`` to it once Redis is back.
     """
+
+
+class CheckpointError(Exception):
+    """A run's checkpoint file cannot be used: not a checkpoint, damaged, written by another run
+    (another input or function), or held by another driver. The message names the file; the
+    file is left as it was."""

@@ -94,6 +94,9 @@ META_FAILED_TASK = "failed_task"
 META_FAILURE = "failure"
 #: when the run ended (a Unix time)
 META_ENDED = "ended"
+#: tasks whose results a resumed run took from its checkpoint (not submitted; ``done`` and
+#: ``total`` count the submitted tasks only)
+META_RESUMED = "resumed"
 
 JOB_FUNCTION = "doredis.worker.chunk.run_chunk"
 

@@ -31,6 +31,7 @@ class RunInfo:
     failed: int
     total: int | None
     age: float
+    resumed: int = 0  # tasks whose results came from the driver's checkpoint (not in done/total)
 
 
 @dataclass
@@ -67,6 +68,7 @@ def queue_status(conn: redis.Redis, queue: str) -> QueueStatus:
             conn.zrem(protocol.runs_key(queue), rid)  # expired
             continue
         total = meta.get("total")
+        resumed = int(meta.get(protocol.META_RESUMED, 0))
         runs.append(
             RunInfo(
                 rid,
@@ -75,6 +77,7 @@ def queue_status(conn: redis.Redis, queue: str) -> QueueStatus:
                 int(meta.get("failed", 0)),
                 int(total) if total else None,
                 now - created,
+                resumed,
             )
         )
     workers = []
@@ -100,10 +103,12 @@ def format_status(status: QueueStatus) -> str:
     lines = [f"queue {status.queue!r}: {status.queued_chunks} chunks queued, {status.running_chunks} running"]
     lines.append(f"runs ({len(status.runs)}):")
     for r in status.runs:
-        total = r.total if r.total is not None else "?"
-        lines.append(
-            f"  {r.run_id}  {r.state:<10} {r.done}/{total} done  {r.failed} failed  {r.age:.0f}s old"
-        )
+        total = r.total + r.resumed if r.total is not None else "?"
+        done = r.done + r.resumed
+        line = f"  {r.run_id}  {r.state:<10} {done}/{total} done  {r.failed} failed  {r.age:.0f}s old"
+        if r.resumed:
+            line += f"  ({r.resumed:,} of {total:,} from checkpoint)"
+        lines.append(line)
     lines.append(f"workers ({len(status.workers)}):")
     if not status.workers:
         lines.append("  none connected: queued tasks wait until a worker starts")

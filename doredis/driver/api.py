@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from .. import connection, embedded, protocol, serialization
 from ..errors import RunCancelled, RunFailed
 from ..protocol import DEFAULT_QUEUE, RunKeys
 from .options import RunOptions, validate
+from .resume import Resume, StoredRun
 from .run import Run
 from .serial import SerialRun
 from .submit import submit_run
@@ -55,7 +57,9 @@ def submit(
     queue: str = DEFAULT_QUEUE,
     redis: str | redis_py.Redis | None = None,
     backend: str | None = None,
-) -> Run | SerialRun:
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_reuse: bool = False,
+) -> Run | SerialRun | StoredRun:
     """Submit ``fn`` over ``items`` and return at once with a :class:`Run` (``id``, ``progress()``,
     ``results()``, ``cancel()``); the options are those of :func:`parallel_foreach`."""
     options = validate(
@@ -72,9 +76,25 @@ def submit(
     )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'redis' (the default) or 'serial', got {backend!r}")
+    if checkpoint_reuse not in (True, False):
+        raise ValueError(f"checkpoint_reuse must be True or False, got {checkpoint_reuse!r}")
+    if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+        raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {checkpoint!r}")
     if backend == "serial":
+        if checkpoint is not None:
+            raise ValueError("checkpoint works with the redis backend; the serial backend is for debugging")
         return SerialRun(items, fn, options)
-    return submit_run(_connect(redis), items, fn, options)
+    if checkpoint is None:
+        return submit_run(_connect(redis), items, fn, options)
+    # before Redis: a bad file fails fast, and a finished run's checkpoint is read anyway
+    resume = Resume.open(checkpoint, items, fn, options, reuse=checkpoint_reuse)
+    if resume.resumed == resume.total:
+        return StoredRun(resume, options)  # every result is stored: Redis is not needed
+    try:
+        return submit_run(_connect(redis), resume.items, fn, options, checkpoint=resume)
+    except BaseException:
+        resume.close()
+        raise
 
 
 def parallel_foreach(items: Iterable, fn: Callable[[Any], Any], **options: Any) -> Any:
@@ -89,7 +109,10 @@ def parallel_foreach(items: Iterable, fn: Callable[[Any], Any], **options: Any) 
     ``ordered`` (False: completion order), ``progress``
     (force the bar on or off), ``queue``, ``redis`` (URL or client; default: DOREDIS_REDIS_URL,
     REDIS_URL, else an embedded server with local workers), ``backend`` ("serial" runs
-    everything here, for debugging).
+    everything here, for debugging), ``checkpoint`` (a file path: every result is written there as
+    it arrives, and calling again with the same file submits only the items whose results are
+    not in it; see the README's "Resumable runs"), ``checkpoint_reuse`` (True: resume although
+    the function, reduce or seed changed).
     """
     return submit(items, fn, **options).results()
 
@@ -119,6 +142,12 @@ def attach(run_id: str, *, redis: str | redis_py.Redis | None = None, progress: 
     if meta.get("state") == protocol.SUBMITTING:
         raise RuntimeError(
             f"run {run_id} was never completely submitted (its driver died while submitting); submit it again"
+        )
+    if int(meta.get(protocol.META_RESUMED, 0)):
+        raise RuntimeError(
+            f"run {run_id} resumed from a checkpoint: {meta[protocol.META_RESUMED]} of its results are in "
+            "that file, not in Redis. Call the same thing again with the same checkpoint= instead (it "
+            "submits only what is still missing)"
         )
     if meta.get("state") == protocol.DONE:
         raise LookupError(f"run {run_id} was already gathered to the end by its driver; its results are gone")

@@ -74,6 +74,10 @@ class Collector:
             else:
                 self._acc.append(value)
 
+    def end(self) -> list[Any]:
+        """Every chunk is in: what is left to release (a resumed run's stored results)."""
+        return []
+
     @property
     def released(self) -> int:
         """How many chunks' results the caller has been given (or that were folded)."""

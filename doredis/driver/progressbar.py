@@ -90,18 +90,20 @@ def _bar_class(enabled: bool) -> type[tqdm]:
 
 
 class ProgressBar:
-    def __init__(self, enabled: bool, total: int | None, run_id: str) -> None:
+    def __init__(self, enabled: bool, total: int | None, run_id: str, resumed: int = 0) -> None:
         kind = _bar_class(enabled)
         self.widget = kind.__module__ == "tqdm.notebook"
         options: dict[str, Any] = {"display": False} if self.widget else {}
         self.bar: Any = kind(
             total=total,
+            initial=resumed,
             unit="task",
             file=sys.stderr,
             disable=not enabled,
             desc=f"doredis {run_id}",
             **options,
         )
+        self.resumed = resumed  # tasks whose results came from a checkpoint: done from the start
         self._display: Any = None
         if self.widget:
             # Shown by us, with a display id: close() updates the text the output also carries
@@ -120,6 +122,7 @@ class ProgressBar:
                 widget.max = total
                 widget.bar_style = ""
                 widget.layout.width = None
+            self._show()
             self.bar.refresh()
 
     def advance(self, tasks: int) -> None:
@@ -139,14 +142,22 @@ class ProgressBar:
         if self._redis_down:
             text = "Redis unreachable: reconnecting (the run is kept)"
         elif self._workers is None:
-            return
+            text = ""
         else:
             text = (
                 "no worker connected: tasks wait in the queue"
                 if self._workers == 0
                 else f"workers={self._workers}"
             )
-        self.bar.set_postfix_str(text)
+        if self.resumed:
+            text = ", ".join(filter(None, [self.from_checkpoint(), text]))
+        if text:
+            self.bar.set_postfix_str(text)
+
+    def from_checkpoint(self) -> str:
+        """ "1,800 of 2,000 from checkpoint" (the total once known)."""
+        total = f"{self.bar.total:,}" if self.bar.total is not None else "?"
+        return f"{self.resumed:,} of {total} from checkpoint"
 
     def close(self) -> None:
         self.bar.close()

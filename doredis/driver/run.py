@@ -75,7 +75,14 @@ class Run:
     """
 
     def __init__(
-        self, conn: redis.Redis, run_id: str, options: RunOptions, reduce=None, *, source=None
+        self,
+        conn: redis.Redis,
+        run_id: str,
+        options: RunOptions,
+        reduce=None,
+        *,
+        source=None,
+        checkpoint=None,
     ) -> None:
         self.conn = conn
         self.id = run_id
@@ -83,6 +90,7 @@ class Run:
         self.keys = RunKeys(run_id)
         self._reduce = reduce if reduce is not None else options.reduce
         self.source = source
+        self.checkpoint = checkpoint  # a Resume: results recorded as gathered, stored ones put back
         self._where = connection.describe(conn)
         self._outage = Outage(
             self._where, log, outage.tolerance(), on_change=self._redis_down, give_up=self._gave_up
@@ -116,10 +124,12 @@ class Run:
         return {k.decode(): v.decode() for k, v in self.conn.hgetall(self.keys.meta).items()}
 
     def progress(self) -> tuple[int, int, int | None]:
-        """``(done, failed, total)`` tasks; total is None while a generator is still being submitted."""
+        """``(done, failed, total)`` tasks (with those from a checkpoint); total is None while a
+        generator is still being submitted."""
         meta = self._meta()
-        total = meta.get("total")
-        return int(meta.get("done", 0)), int(meta.get("failed", 0)), int(total) if total is not None else None
+        total, resumed = meta.get("total"), int(meta.get(protocol.META_RESUMED, 0))
+        done = int(meta.get("done", 0)) + resumed
+        return done, int(meta.get("failed", 0)), int(total) + resumed if total is not None else None
 
     def _chunks(self) -> int | None:
         """The run's number of chunks, None while it is still being submitted."""
@@ -155,7 +165,7 @@ class Run:
         Results leave Redis once gathered, so a second call returns what the first one got.
         """
         if self._gathered is None:
-            collector = Collector(self.options, self._reduce)
+            collector = self._collector()
             values: list[Any] = []
             for ready in self._iterate(collector):
                 values.extend(ready)
@@ -168,14 +178,20 @@ class Run:
     def iterate(self, deadline: float | None = None) -> Iterator[Any]:
         """Task values as they become ready; a ``TimeoutError`` (and the run cancelled) when one is
         not there by ``deadline`` (a ``time.monotonic()`` value)."""
-        for ready in self._iterate(Collector(self.options, self._reduce), deadline):
+        for ready in self._iterate(self._collector(), deadline):
             ready.reverse()  # popped one by one: no value stays referenced once yielded (bpo-14406)
             while ready:
                 yield ready.pop()
 
+    def _collector(self) -> Collector:
+        if self.checkpoint is not None:
+            return self.checkpoint.collector(self.options, self._reduce)
+        return Collector(self.options, self._reduce)
+
     def _iterate(self, collector: Collector, deadline: float | None = None) -> Iterator[list[Any]]:
         """Lists of task values, as they become ready."""
-        bar = self._bar = ProgressBar(wanted(self.options.progress), None, self.id)  # shows outages too
+        resumed = self.checkpoint.resumed if self.checkpoint is not None else 0
+        bar = self._bar = ProgressBar(wanted(self.options.progress), None, self.id, resumed)  # outages too
         bar.set_total(self._redis(self.progress)[2])
         finished = False
         try:
@@ -190,8 +206,9 @@ class Run:
                 if self.source is not None:
                     self.source.released(collector.released)  # room in the window for more chunks
                     if bar.bar.total is None and self.source.finished:
-                        bar.set_total(self.source.total)  # a streamed run's size is known at last
+                        bar.set_total(self.source.total + resumed)  # a streamed run's size is known at last
                 yield ready
+            yield collector.end()
             finished = True
         except RedisOutage:
             raise  # Redis is gone: the run stays there for attach, nothing to cancel
@@ -203,6 +220,8 @@ class Run:
             raise
         finally:
             bar.close()
+            if self.checkpoint is not None:
+                self.checkpoint.close()  # what was gathered is on disk; the lock is released
         self._redis(self._finish, collector)
 
     def _cancel_quietly(self, exc: BaseException | None = None) -> None:

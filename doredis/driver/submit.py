@@ -20,6 +20,7 @@ from ..serialization import RQSerializer
 from ..status import connected_workers, prune_runs_index
 from .chunking import iter_chunks
 from .options import RunOptions
+from .resume import Resume
 from .run import Run, remove_queued_chunks
 from .source import RunSource, window_size
 
@@ -56,13 +57,16 @@ def pickle_items(items: list, start: int) -> bytes:
         raise serialization.pickling_error(items, f"the chunk starting at item {start}", exc) from exc
 
 
-def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOptions) -> Run:
+def submit_run(
+    conn: redis.Redis, items: Iterable, fn: Callable, options: RunOptions, checkpoint: Resume | None = None
+) -> Run:
     """Store the run and enqueue its chunks while consuming ``items``; return the Run.
 
     The first window of chunks is enqueued before this returns, so a run that fits in the
     window is wholly in Redis then (and an unpicklable item in it raises here, with nothing left
     behind). The rest of a longer input is enqueued by a background thread, as the caller
-    consumes results (see :mod:`doredis.driver.source`).
+    consumes results (see :mod:`doredis.driver.source`). With a ``checkpoint``, only the items
+    without a stored result are submitted (see :mod:`doredis.driver.resume`).
     """
     spec_blob = pickle_spec(fn, options)
     run_id = protocol.new_run_id()
@@ -79,6 +83,7 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
             "ordered": int(options.ordered),
             "reduce": int(options.reduce is not None),
             "driver": f"{socket.gethostname()}:{os.getpid()}",
+            **({protocol.META_RESUMED: checkpoint.resumed} if checkpoint else {}),
         },
         window_size(workers),
     )
@@ -90,7 +95,12 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
 
     redis_outage.call(store_run)
     redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
-    submitter = _Submitter(conn, source, iter_chunks(items, options.chunk_size, workers), redis_outage)
+    chunks = (
+        checkpoint.chunks(options.chunk_size, workers)
+        if checkpoint is not None
+        else iter_chunks(items, options.chunk_size, workers)
+    )
+    submitter = _Submitter(conn, source, chunks, redis_outage)
     try:
         submitter.submit(limit=source.window)
         if submitter.exhausted:
@@ -119,7 +129,7 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
         log.warning(
             "no worker is connected to queue %r: the tasks wait in the queue until one starts", options.queue
         )
-    return Run(conn, run_id, options, source=source)
+    return Run(conn, run_id, options, source=source, checkpoint=checkpoint)
 
 
 class _Submitter:
@@ -163,7 +173,8 @@ class _Submitter:
             chunk = self._next_chunk()
             if chunk is None:
                 break
-            self.source.add(self.chunk_no, self.total, len(chunk), pickle_items(chunk, self.total))
+            start = getattr(chunk, "start", self.total)  # a resumed run's chunks keep their indices
+            self.source.add(self.chunk_no, start, len(chunk), pickle_items(chunk, start))
             batch.append(self.chunk_no)
             self.total += len(chunk)
             self.chunk_no += 1

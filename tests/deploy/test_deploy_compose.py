@@ -165,7 +165,7 @@ def test_driver_runs_the_example_script(services: dict[str, Any]) -> None:
     assert driver["image"] == worker["image"] and driver["build"] == worker["build"]
     assert (REPO / worker["build"]["context"] / "Dockerfile").is_file()
     assert driver["depends_on"]["redis"]["condition"] == "service_healthy"
-    [mount] = driver["volumes"]
+    [mount] = [v for v in driver["volumes"] if v.endswith(":ro")]
     host_dir, container_dir, mode = mount.split(":")
     assert mode == "ro"
     assert driver["command"][0] == "python"
@@ -290,3 +290,11 @@ def test_notebook_runs_jupyterlab_as_a_driver(raw: dict[str, Any], env: dict[str
     assert "doredis" not in " ".join(notebook["healthcheck"]["test"])
     assert f":{options['port']}/api" in " ".join(notebook["healthcheck"]["test"])
     assert notebook["depends_on"]["redis"]["condition"] == "service_healthy"
+def test_driver_keeps_checkpoints_in_a_named_volume(raw: dict[str, Any]) -> None:
+    """A named volume outlives `docker compose down` (not `down -v`): a rerun resumes from it."""
+    driver = raw["services"]["driver"]
+    assert "driver-checkpoints:/checkpoints" in driver["volumes"]
+    assert "driver-checkpoints" in raw["volumes"]
+    # the image's /checkpoints belongs to its non-root user, whose owner a new volume takes
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "install -d -o 10001 -g 10001 /checkpoints" in dockerfile

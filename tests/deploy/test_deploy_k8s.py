@@ -1471,3 +1471,24 @@ def test_generate_secret_adds_a_jupyter_token_to_an_older_secret_env(tmp_path: P
     # Now complete: kept as it is, as before.
     again = _generate(k8s)
     assert again.returncode != 0 and env.read_text() == text
+def test_driver_job_has_a_checkpoint_volume_a_pvc_in_the_persistent_overlay(
+    renderings: dict[str, list[Obj]], driver_job: Obj
+) -> None:
+    """The driver Job's checkpoints: an emptyDir by default; the redis-persistent overlay's
+    PVC once its JSON patch is applied to the Job (as its comment shows)."""
+    from deploykit import apply_json6902
+
+    spec = pod_spec(driver_job)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    container = spec["containers"][0]
+    assert {"name": "checkpoints", "mountPath": "/checkpoints"} in container["volumeMounts"]
+    assert "emptyDir" in volumes["checkpoints"]
+    assert env_value(container, "DOREDIS_CHECKPOINT")["value"].startswith("/checkpoints/")
+
+    pvc = one(renderings["k8s/overlays/redis-persistent"], "PersistentVolumeClaim", "doredis-checkpoints")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    patch = load_yaml_docs(REPO / "k8s/overlays/redis-persistent/driver-checkpoints-on-pvc.yaml")[0]
+    patched = copy.deepcopy(driver_job)
+    apply_json6902(patched, patch)
+    on_pvc = {v["name"]: v for v in pod_spec(patched)["volumes"]}["checkpoints"]
+    assert on_pvc == {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "doredis-checkpoints"}}

@@ -15,7 +15,7 @@ import pytest
 from helpers import REPO
 
 BENCH = REPO / "benchmarks" / "bench.py"
-ROWS = ("1", "2", "3", "4", "5a", "5b")
+ROWS = ("1", "2", "3", "4", "5a", "5b", "6a", "6b")
 
 
 @pytest.mark.timeout(240)
