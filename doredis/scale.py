@@ -7,12 +7,22 @@ class ClusterUnreachable(RuntimeError):
     """No Kubernetes configuration, or the API server did not answer."""
 
 
+class KubernetesClientMissing(RuntimeError):
+    """The optional Kubernetes client (the ``k8s`` extra) is not installed."""
+
+
 def scale_deployment(replicas: int, deployment: str = "worker", namespace: str = "default") -> int:
     """Set ``deployment``'s replicas (in-cluster config, else kubeconfig); returns the previous count."""
     if replicas < 0:
         raise ValueError(f"replicas must be 0 or more, got {replicas}")
-    from kubernetes import client, config
-    from kubernetes.config.config_exception import ConfigException
+    try:
+        from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
+    except ImportError as exc:
+        raise KubernetesClientMissing(
+            f"`doredis scale` needs the Kubernetes client ({exc}): pip install 'doredis[k8s]' "
+            "(in the image: build it with --build-arg EXTRAS=k8s)"
+        ) from exc
 
     try:
         config.load_incluster_config()

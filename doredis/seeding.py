@@ -13,10 +13,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-try:  # numpy is optional
-    import numpy as _np
-except ImportError:  # pragma: no cover - exercised only where numpy is absent
-    _np = None
+
+def _numpy() -> Any:
+    """numpy, imported on first use (None without it): importing doredis must not import numpy,
+    since a worker caps numpy's BLAS threads (worker/threads.py) before anything imports it."""
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - exercised only where numpy is absent
+        return None
+    return numpy
 
 
 def python_seed(seed: int, index: int) -> int:
@@ -27,6 +32,7 @@ def python_seed(seed: int, index: int) -> int:
 def seed_task(seed: int, index: int) -> Any:
     """Seed ``random`` and ``numpy.random`` for one task; return its numpy Generator (or None)."""
     random.seed(python_seed(seed, index))
+    _np = _numpy()
     if _np is None:
         return None
     sequence = _np.random.SeedSequence(entropy=seed, spawn_key=(index,))
@@ -39,6 +45,7 @@ def global_state_kept() -> Iterator[None]:
     """Put the global ``random`` and ``numpy.random`` states back as they were on entry (a seeded
     run in the caller's own process reseeds them for every task)."""
     python_state = random.getstate()
+    _np = _numpy()
     numpy_state = _np.random.get_state() if _np is not None else None
     try:
         yield

@@ -12,7 +12,7 @@ from rq import Worker, worker_registration
 
 from .. import connection, serverinfo
 from ..protocol import DEFAULT_QUEUE
-from . import preload, state
+from . import preload, state, threads
 from .rqworker import DoredisWorker, ForkingDoredisWorker
 
 log = logging.getLogger("doredis.worker")
@@ -49,6 +49,8 @@ def run_worker(
     """Run a worker until it is stopped; returns the process exit code."""
     name = state.default_name()
     configure_logging(name, log_level)
+    # Before the preload or any task imports numpy & co: they read these once, at import.
+    threads.cap_math_threads()
     url = connection.resolve_url(redis_url)
     if url is None:
         raise connection.NoServerConfigured(

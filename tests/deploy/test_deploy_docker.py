@@ -61,6 +61,29 @@ def test_installs_the_project_with_pip(instructions: list[tuple[str, str]]) -> N
     assert any(re.search(r"pip install [^&]*doredis-src", r) for r in runs)
 
 
+def test_dependencies_are_a_pinned_layer_before_the_source(instructions: list[tuple[str, str]]) -> None:
+    """A code change must not reinstall the dependencies: they are installed, from the pins of
+    constraints.txt and for the extras ARG EXTRAS names (default none), before the source is
+    copied; the source is then installed without dependencies."""
+    stage = final_stage(instructions)
+    runs = [(i, a) for i, (instr, a) in enumerate(stage) if instr == "RUN"]
+    copies = [(i, a.split()[:-1]) for i, (instr, a) in enumerate(stage) if instr == "COPY"]
+    source_copy = next(i for i, sources in copies if "doredis" in sources)
+    deps_run = next(i for i, a in runs if "image_deps.py requirements" in a)
+    extras_arg = next(i for i, (instr, a) in enumerate(stage) if instr == "ARG" and a.startswith("EXTRAS"))
+    assert extras_arg < deps_run < source_copy
+    assert stage[extras_arg][1] in ('EXTRAS=""', "EXTRAS=", "EXTRAS=''"), "default: no extras"
+    deps = stage[deps_run][1]
+    assert '--extras "${EXTRAS}"' in deps
+    assert re.search(r"pip install -c \S*constraints\.txt -r ", deps)
+    assert "image_deps.py check" in deps, "the build fails on anything installed but not pinned"
+    before_deps = {src for i, sources in copies if i < deps_run for src in sources}
+    assert before_deps == {"pyproject.toml", "constraints.txt", "docker/image_deps.py"}
+    index = dict(enumerate(stage))
+    source_install = next(a for i, (instr, a) in index.items() if instr == "RUN" and i > source_copy)
+    assert "pip install --no-deps" in source_install
+
+
 def test_entrypoint_cmd_and_healthcheck(instructions: list[tuple[str, str]]) -> None:
     stage = final_stage(instructions)
     entrypoint = _exec_form([a for instr, a in stage if instr == "ENTRYPOINT"][-1])

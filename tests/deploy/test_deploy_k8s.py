@@ -737,6 +737,29 @@ def test_workers_drain_within_their_grace_period(renderings: dict[str, list[Obj]
     assert checked == {"Deployment", "ScaledJob"}
 
 
+def test_workers_cap_math_threads_to_their_cpu_limit(renderings: dict[str, list[Obj]]) -> None:
+    """Every worker pod (Deployment and ScaledJob) hands its CPU limit, in whole CPUs, to the
+    worker (DOREDIS_CPU_LIMIT), which caps OMP_NUM_THREADS & co from it; no env entry sets those
+    directly, since an env entry would override a value the user puts in the ConfigMap."""
+    from doredis.worker.threads import CPU_LIMIT_VARIABLE, THREAD_VARIABLES, parse_cpu_quantity
+
+    checked = set()
+    for where, objs in renderings.items():
+        worker = _worker_workload(objs)
+        container = _container(worker, "worker")
+        entry = env_value(container, CPU_LIMIT_VARIABLE)
+        assert entry is not None, f"{where}: no {CPU_LIMIT_VARIABLE}"
+        ref = entry["valueFrom"]["resourceFieldRef"]
+        assert ref["resource"] == "limits.cpu" and ref.get("containerName") == "worker", where
+        assert str(ref["divisor"]) == "1", f"{where}: whole CPUs (divisor 1 rounds up)"
+        limit = container["resources"]["limits"]["cpu"]
+        assert parse_cpu_quantity(str(limit)) >= 1, where
+        names = {e["name"] for e in container.get("env", [])}
+        assert not names & set(THREAD_VARIABLES), f"{where}: set thread counts in the ConfigMap, not env"
+        checked.add(worker["kind"])
+    assert checked == {"Deployment", "ScaledJob"}
+
+
 def test_scaledjob_runs_the_base_worker_pod(renderings: dict[str, list[Obj]]) -> None:
     """The ScaledJob's pod template is the worker Deployment's (the overlay copies it) but for
     `--burst` and restartPolicy Never."""

@@ -308,6 +308,19 @@ bgwait "${PC[@]}" "--podman-build-args=--pull=never ${E2E_BUILD_ARGS:-}" build w
 podman image prune -f >/dev/null 2>&1 || true
 log "project image built"
 
+# Math-library thread caps in a real container: under --cpus=1 (a cgroup CPU quota) the worker's
+# start-up code caps OMP_NUM_THREADS & co at 1; a value the user sets is kept (worker/threads.py).
+if (($(nproc) >= 2)); then
+    cap_probe='import os; from doredis.worker.threads import cap_math_threads as c; c(); print(os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS"))'
+    got=$(podman run --rm --no-healthcheck --cpus=1 --entrypoint python localhost/doredis:latest -c "$cap_probe" 2>&1) \
+        || die "thread-cap probe: $got"
+    [[ $got == "1 1" ]] || die "under --cpus=1 expected OMP/OPENBLAS_NUM_THREADS 1 1, got: $got"
+    got=$(podman run --rm --no-healthcheck --cpus=1 -e OMP_NUM_THREADS=3 --entrypoint python localhost/doredis:latest \
+        -c "$cap_probe" 2>&1) || die "thread-cap probe: $got"
+    [[ $got == "3 None" ]] || die "a user-set OMP_NUM_THREADS=3 must win (and nothing else be set), got: $got"
+    log "thread caps: --cpus=1 -> OMP_NUM_THREADS=1; a user-set OMP_NUM_THREADS=3 is kept"
+fi
+
 # ---------------------------------------------------------------------------------------------
 # 5. Run: redis, 3 workers, the driver; scale to 5 and down to 2 while it runs
 # ---------------------------------------------------------------------------------------------
