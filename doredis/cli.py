@@ -217,20 +217,10 @@ def status(redis_url, queue, watch, prometheus) -> None:
     """Queue depth, runs with progress, and workers (name, state, chunks done, failures)."""
     from .status import format_status, queue_status
 
-    conn = _client(redis_url)
     if prometheus:
-        from .metrics import require_prometheus_client
-        from .metrics.exporter import exposition
-
-        try:
-            require_prometheus_client()
-        except MetricsError as exc:
-            raise click.ClickException(str(exc)) from None
-        text = exposition(conn)
-        click.echo(text, nl=False)
-        if "doredis_redis_up 1.0" not in text:
-            raise click.ClickException("could not read Redis (see the log above)")
+        _print_exposition(redis_url)
         return
+    conn = _client(redis_url)
     while True:
         text = format_status(queue_status(conn, queue))
         if watch:
@@ -280,6 +270,26 @@ def exporter(redis_url, port, addr, log_level) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
+
+
+def _print_exposition(redis_url: str | None) -> None:
+    """``status --prometheus``: one scrape on stdout; like the exporter, a reader: it needs only the
+    README's exporter ACL (no eviction-policy check) and prints ``doredis_redis_up 0`` on failure."""
+    from .metrics import require_prometheus_client
+    from .metrics.exporter import exposition
+
+    resolved = connection.resolve_url(redis_url)
+    if resolved is None:
+        raise click.ClickException("no Redis server: pass --redis URL or set DOREDIS_REDIS_URL")
+    try:
+        require_prometheus_client()
+        conn = connection.client_for(resolved)
+    except (ValueError, MetricsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    text = exposition(conn)
+    click.echo(text, nl=False)
+    if "\ndoredis_redis_up 1.0\n" not in text:
+        raise click.ClickException(f"could not read Redis at {connection.redact(resolved)}")
 
 
 @main.command()

@@ -323,6 +323,12 @@ def test_the_exporter_reports_redis_down_and_recovers(tmp_path):
         assert down.value("doredis_redis_up") == 0
         assert "rq_jobs" not in down.families  # nothing made up while Redis is away
         assert "cannot read Redis" in Path(log.name).read_text()
+        printed = subprocess.run(
+            [sys.executable, "-m", "doredis", "status", "--prometheus", "--redis", server.url],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert printed.returncode == 1 and "doredis_redis_up 0.0" in printed.stdout, printed
+        assert "could not read Redis at redis://127.0.0.1:" in printed.stderr, printed.stderr
     finally:
         process.terminate()
         process.wait(10)
