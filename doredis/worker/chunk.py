@@ -117,7 +117,6 @@ def _count_delivery(failures: dict[int, TaskFailure], first: int, ran: int) -> N
 def _hand_back(conn: redis.Redis, keys: RunKeys, whole: ChunkResult, done: _Parts, retrying) -> Retry:
     """The drain deadline cut the chunk short: make what it did durable and give the rest back."""
     retrying(done.write, conn, whole.values[done.count :], whole.failures)  # this delivery's tasks
-    metrics.handed_back()
     retrying(conn.hdel, keys.cursor, whole.chunk_no, protocol.term_field(whole.chunk_no))
     log.warning(
         "chunk %d of run %s: the drain deadline passed after %d of its tasks; handing the rest back "

@@ -4,8 +4,8 @@ Off unless the worker is started with ``--metrics-port`` (``DOREDIS_METRICS_PORT
 hook below is a few float additions. The figures live in an anonymous shared memory block
 created before the worker forks anything, so a ``--fork`` worker's chunk processes count into the
 same block as the parent that serves ``/metrics``. One process writes a given figure at a time
-(the parent: busy and chunk durations; whichever process runs the chunk: tasks, redeliveries,
-hand-backs), and a scrape only reads.
+(the parent: busy and chunk durations; whichever process runs the chunk: tasks, redeliveries),
+and a scrape only reads.
 
 ==============================================  =========  ==========================================
 ``doredis_tasks_done_total{queue}``             counter    tasks this worker ran that returned a value
@@ -15,8 +15,6 @@ hand-backs), and a scrape only reads.
                                                            (its ``_count``: chunks run)
 ``doredis_chunk_redeliveries_total{queue}``     counter    chunks this worker got again after an
                                                            earlier delivery died (careful mode)
-``doredis_chunks_handed_back_total{queue}``     counter    chunks cut short by the drain deadline
-                                                           and handed back to the queue
 ``doredis_worker_busy{queue}``                  gauge      1 while this worker has a chunk in hand
 ``doredis_worker_info{queue,worker}``           gauge      1; ``worker`` is rq's worker name
 ==============================================  =========  ==========================================
@@ -36,8 +34,8 @@ log = logging.getLogger("doredis.worker")
 CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 # slots of the shared block (float64 each)
-_DONE, _FAILED, _REDELIVERED, _HANDED_BACK, _BUSY, _CHUNKS, _SECONDS = range(7)
-_BUCKET0 = 7
+_DONE, _FAILED, _REDELIVERED, _BUSY, _CHUNKS, _SECONDS = range(6)
+_BUCKET0 = 6
 _SLOTS = _BUCKET0 + len(CHUNK_BUCKETS)
 
 
@@ -100,12 +98,6 @@ def redelivered() -> None:
         _figures.add(_REDELIVERED)
 
 
-def handed_back() -> None:
-    """The drain deadline cut the chunk in hand short; its rest goes back to the queue."""
-    if _figures is not None:
-        _figures.add(_HANDED_BACK)
-
-
 class chunk_in_hand:  # noqa: N801 - used as a context manager, like a function
     """``with chunk_in_hand():`` around running a chunk: busy while inside, its duration observed."""
 
@@ -147,11 +139,6 @@ class _WorkerCollector:
             "doredis_chunk_redeliveries",
             "Chunks this worker got again after an earlier delivery died",
             s[_REDELIVERED],
-        )
-        yield counter(
-            "doredis_chunks_handed_back",
-            "Chunks cut short by the drain deadline and handed back to the queue",
-            s[_HANDED_BACK],
         )
         histogram = HistogramMetricFamily(
             "doredis_chunk_duration_seconds", "Wall time of each chunk this worker ran", labels=["queue"]
