@@ -241,7 +241,13 @@ def status(redis_url, queue, watch, prometheus) -> None:
     envvar="DOREDIS_EXPORTER_PORT",
     help="Port of /metrics (rq-exporter's default).",
 )
-@click.option("--addr", default="0.0.0.0", show_default=True, envvar="DOREDIS_EXPORTER_ADDR")
+@click.option(
+    "--addr",
+    default="0.0.0.0",
+    show_default=True,
+    envvar="DOREDIS_EXPORTER_ADDR",
+    help="Address /metrics listens on.",
+)
 @click.option("--log-level", envvar="DOREDIS_LOG_LEVEL", default="INFO", show_default=True)
 def exporter(redis_url, port, addr, log_level) -> None:
     """Serve queue-level Prometheus metrics read from Redis at each scrape: rq-exporter's rq_* families

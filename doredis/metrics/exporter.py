@@ -225,7 +225,7 @@ class QueueCollector:
         started = time.perf_counter()
         try:
             snapshot = read_snapshot(self.conn)
-        except redis.RedisError as exc:
+        except Exception as exc:  # an outage, an ACL refusal, a registration rq cannot parse
             reason = f"{type(exc).__name__}: {exc}"
             if reason != self._failing:
                 log.warning("cannot read Redis for metrics (%s); reporting doredis_redis_up 0", reason)
