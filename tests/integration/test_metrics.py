@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rq import Queue
 
 import doredis
+from doredis.metrics.exporter import RQ_JOB_STATUSES
 
 #: rq-exporter 3.x's families (name, type, label names), which its Grafana dashboard (12196) reads.
 RQ_EXPORTER_FAMILIES = {
@@ -29,6 +31,28 @@ RQ_EXPORTER_FAMILIES = {
     "rq_jobs": ("gauge", {"queue", "status"}),
     "rq_request_processing_seconds": ("summary", set()),
 }
+
+
+#: The PromQL of rq-exporter's Grafana dashboard (grafana.com 12196; grafana/rq-dashboard.json of
+#: mdawar/rq-exporter 3.1.0), less its $job/$instance/$queue variable matchers: every selector
+#: must find samples on the exporter.
+RQ_DASHBOARD_QUERIES = [
+    "count(rq_workers)",
+    '(count(rq_workers{state="busy"}) / count(rq_workers)) * 100',
+    '(count(rq_workers{state="idle"}) / count(rq_workers)) * 100',
+    *(f'sum(rq_jobs{{status="{s}"}}) by (queue)' for s in RQ_JOB_STATUSES),
+    "rate(rq_request_processing_seconds_sum[5m]) / rate(rq_request_processing_seconds_count[5m])",
+    "sum by (status) (rq_jobs) / ignoring(status) group_left sum(rq_jobs)",
+    "sum by (status, queue) (rq_jobs) / ignoring(status) group_left sum by (queue) (rq_jobs)",
+]
+
+
+def selectors(query: str) -> list[tuple[str, dict[str, str]]]:
+    """(metric, label matchers) of every instant-vector selector in ``query``."""
+    found = []
+    for name, matchers in re.findall(r"\b(rq_[a-z_]+)(?:\{([^}]*)\})?", query):
+        found.append((name, dict(re.findall(r'(\w+)="([^"]*)"', matchers or ""))))
+    return found
 
 
 def free_port() -> int:
@@ -256,6 +280,12 @@ def test_the_exporter_serves_rq_exporter_names_and_doredis_queue_figures(
     assert all(s.labels["state"] == "busy" for s in busy.samples("rq_workers", queues=queue))
     assert busy.value("doredis_runs_in_progress", queue=queue) == 1
     assert busy.value("doredis_runs", queue=queue, state="running") == 1
+    # every selector of rq-exporter's Grafana dashboard finds samples (idle workers, then busy ones)
+    for query in RQ_DASHBOARD_QUERIES:
+        for name, labels in selectors(query):
+            assert idle.samples(name, **labels) or busy.samples(name, **labels), (query, name, labels)
+            if name == "rq_jobs":
+                assert busy.samples(name, queue=queue, **labels), (query, labels)
     assert run.results() == [x * x for x in range(6)]
 
     # the known run: 20 tasks in 5 chunks, task 7 fails (a task's failure is not an rq job failure)
