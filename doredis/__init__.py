@@ -11,7 +11,10 @@ from .driver.executor import Executor
 from .driver.run import Run
 from .embedded import local_cluster
 from .errors import RedisOutage, RunCancelled, RunFailed, TaskError, TaskTimeout, WorkerLost
+from .joblib_hook import install as _install_joblib_backend
 from .serialization import SignatureError
+
+_install_joblib_backend()  # joblib.parallel_config(backend="doredis"), without importing joblib
 
 __version__ = "0.1.0"
 

@@ -2,16 +2,24 @@
 
 Unpickling is code execution: whoever can write to the Redis server can run code on every
 worker and driver. Set ``DOREDIS_SECRET`` (the same value on drivers and workers) and every
-payload - the run's function, each chunk, each result, and rq's job data - carries an HMAC;
-a payload that is unsigned or wrongly signed is refused *before* it is unpickled.
+payload - the run's function, each chunk, each result - carries an HMAC; a payload that is
+unsigned or wrongly signed is refused *before* it is unpickled.
 
 Envelope: ``b"DR1u" + pickle`` (unsigned) or ``b"DR1s" + hmac_sha256(secret, pickle) + pickle``.
+
+rq's own job data (a chunk job's function name, run id, chunk number and start index, and its
+meta) is the exception: it is plain pickle, as rq writes it by default, so that rq-dashboard and
+``rq info`` can read it. It holds nothing but those primitives, and doredis reads it with
+:class:`RQSerializer`, whose unpickler refuses every global (so no code can run while it is
+read); the worker then refuses any job that is not one of doredis's chunks
+(:mod:`doredis.worker.guard`), and a chunk's real payload stays in the sealed hashes above.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import logging
 import os
 import pickle
@@ -79,16 +87,40 @@ def loads(blob: bytes, what: str = "payload") -> Any:
     return pickle.loads(unseal(blob, what))
 
 
+#: The only globals rq's job data may name: rq's ``Retry``, which rq itself stores as the result of
+#: a chunk handed back by a stopping worker (a plain data class: unpickling it runs no code).
+_RQ_DATA_GLOBALS = {("rq.job", "Retry"), ("rq.retry", "Retry")}
+
+
+class _PrimitivesUnpickler(pickle.Unpickler):
+    """Unpickles str, bytes, numbers, None, bools, tuples, lists, dicts and sets: any global (a
+    function, a class, a ``__reduce__``'s callable) is refused before it is even imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _RQ_DATA_GLOBALS:
+            return super().find_class(module, name)
+        # (not logged here: the worker's job guard logs the refusal once, with the job's id)
+        raise pickle.UnpicklingError(
+            f"rq job data names the global {module}.{name}; doredis's jobs hold only primitives"
+        )
+
+
 class RQSerializer:
-    """rq's job serializer (``Queue(serializer=...)``): rq's own job data is sealed too."""
+    """rq's job serializer (``Queue(serializer=...)``) on both sides.
+
+    ``dumps`` is rq's default (plain pickle), so rq-dashboard reads doredis's jobs; ``loads``
+    unpickles primitives only. Job data sealed by an older doredis is unsealed first.
+    """
 
     @staticmethod
     def dumps(obj: Any) -> bytes:
-        return seal(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
     def loads(blob: bytes) -> Any:
-        return pickle.loads(unseal(blob, "rq job data"))
+        if bytes(blob[:3]) == b"DR1":  # an older doredis's sealed job data (a pickle starts with 0x80)
+            blob = unseal(blob, "rq job data")
+        return _PrimitivesUnpickler(io.BytesIO(blob)).load()
 
 
 def pickling_error(obj: Any, role: str, exc: BaseException) -> TypeError:

@@ -86,3 +86,21 @@ def _loaded_counter(redis_url: str, key: str, payload: bytes) -> LoadCounter:
 
 def payload_size(x, counter: LoadCounter):
     return x, len(counter.payload), os.getpid()
+
+
+def forged_callback(job, connection, *args):
+    """A callback a forged job names: touches the file in its meta (the worker must never call it)."""
+    open(job.meta["marker"], "w").close()  # noqa: SIM115
+
+
+def gated(x, redis_url, key, deadline=120.0):
+    """Record that task ``x`` started (RPUSH ``key``:started), then wait until ``key`` exists (or
+    ``deadline`` s): a task that runs exactly as long as the test wants."""
+    import redis
+
+    conn = redis.Redis.from_url(redis_url)
+    conn.rpush(f"{key}:started", x)
+    end = time.monotonic() + deadline
+    while not conn.exists(key) and time.monotonic() < end:
+        time.sleep(0.05)
+    return x * x

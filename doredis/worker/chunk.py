@@ -49,7 +49,11 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
         items = serialization.loads(found.items, f"chunk {chunk_no} of run {run_id}")
         spec = retrying(_load_spec, conn, keys)
         done = _Parts.read(conn, keys, chunk_no, start, found.parts, retrying)
-    except Exception as exc:  # a missing module, a refused signature: every task of the chunk fails
+    except serialization.SignatureError:
+        # Refused: a result sealed with this worker's secret could not be read by that driver
+        # either. rq records the chunk failed, in plain text both can read.
+        raise
+    except Exception as exc:  # a missing module: every task of the chunk fails
         log.error("chunk %d of run %s cannot be loaded: %s: %s", chunk_no, run_id, type(exc).__name__, exc)
         failed = _whole_chunk_failed(chunk_no, start, job, worker, exc, items)
         retrying(_publish, conn, keys, failed, worker)

@@ -18,12 +18,13 @@ import time
 
 import redis
 from rq import worker_registration
+from rq.exceptions import DeserializationError
 from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, Worker
 
 from .. import outage, protocol, recovery, serverinfo, taskrun
 from ..serialization import RQSerializer
-from . import metrics, state
+from . import guard, metrics, state
 
 log = logging.getLogger("doredis.worker")
 #: rq's own per-job chatter (three lines a chunk) goes here, shown at DEBUG level only.
@@ -70,6 +71,20 @@ class _DoredisMixin:
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return protocol.HEARTBEAT_TTL
+
+    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
+        """Refuse a job that is not a doredis chunk before anything of it is imported or run
+        (:mod:`doredis.worker.guard`); rq then records it failed, like any failed job."""
+        refused = guard.refusal(job)
+        if refused is None:
+            return super().prepare_job_execution(job, remove_from_intermediate_queue)
+        guard.disarm(job)
+        log.error("Worker %s: %s", self.name, refused)
+        try:  # rq's bookkeeping (started, off the intermediate queue); it reads the job's data again
+            super().prepare_job_execution(job, remove_from_intermediate_queue)
+        except DeserializationError:
+            pass
+        raise refused
 
     def prepare_execution(self, job):
         execution = super().prepare_execution(job)

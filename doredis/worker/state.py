@@ -126,3 +126,8 @@ def start_liveness_ticker() -> None:
             time.sleep(1.0)
 
     threading.Thread(target=tick, name="doredis-liveness", daemon=True).start()
+
+
+def in_worker() -> bool:
+    """True inside a doredis worker process (its worker class has set the name)."""
+    return _name is not None

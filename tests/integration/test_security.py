@@ -1,9 +1,18 @@
-"""DOREDIS_SECRET between a driver and real workers: matching secrets work, others are refused."""
+"""DOREDIS_SECRET between a driver and real workers: matching secrets work, others are refused;
+and jobs that someone with write access to Redis forges are refused before anything of them runs."""
 
 from __future__ import annotations
 
+import http.server
+import re
+import threading
+
 import pytest
 import tasks
+from helpers import wait_until
+from rq import Callback, Queue
+from rq.job import Job
+from rq.webhook import Webhook
 
 import doredis
 from doredis import SignatureError, TaskError, parallel_foreach, protocol
@@ -53,3 +62,82 @@ def test_driver_refuses_unsigned_results(redis_url, queue, workers, monkeypatch)
     monkeypatch.setenv("DOREDIS_SECRET", "a")
     with pytest.raises(SignatureError, match="unsigned"):
         parallel_foreach(range(3), tasks.square, redis=redis_url, queue=queue, progress=False)
+
+
+class _OpensFile:
+    """Unpickling this opens (and so creates) ``path``: what a forged pickle would do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("secret", "worker_args"), [(None, ()), ("a", ()), ("a", ("--fork",))])
+def test_forged_jobs_are_refused_before_anything_of_them_runs(
+    redis_url, queue, workers, conn, monkeypatch, tmp_path, secret, worker_args
+):
+    """rq's job data is plain pickle (rq-dashboard reads it): a forged job can neither run code while
+    it is unpickled, nor name another function, nor attach a callback or a webhook."""
+    env = {"DOREDIS_SECRET": secret} if secret else {}
+    (worker,) = workers.start(1, *worker_args, env=env)
+    hits: list[str] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    hook_url = f"http://127.0.0.1:{hook.server_address[1]}/forged"
+    marks = {name: tmp_path / name for name in ("unpickled", "system", "callback")}
+    forger = Queue(queue, connection=conn)  # rq's default pickle, as anyone with Redis access has it
+    fake_run = "0123456789abcdef"
+    forged = {
+        # a pickle whose __reduce__ has a side effect, in a job that looks like a chunk
+        "unpickled": forger.enqueue(
+            protocol.JOB_FUNCTION, _OpensFile(str(marks["unpickled"])), 0, 0,
+            job_id=protocol.job_id(fake_run, 0), meta={"start": 0, "count": 1},
+        ),
+        # another function, by name (a plain string: it unpickles fine)
+        "system": forger.enqueue(
+            "os.system", f"touch {marks['system']}", job_id=protocol.job_id(fake_run, 1)
+        ),
+        # doredis's chunk runner, but with a callback and a webhook attached
+        "callback": forger.enqueue(
+            protocol.JOB_FUNCTION, fake_run, 2, 0, job_id=protocol.job_id(fake_run, 2),
+            meta={"start": 0, "count": 1, "marker": str(marks["callback"])},
+            on_success=Callback(tasks.forged_callback), on_failure=Callback(tasks.forged_callback),
+            on_stopped=Callback(tasks.forged_callback),
+            webhooks=[Webhook(hook_url, "failed"), Webhook(hook_url, "finished")],
+        ),
+    }
+    for name, job in forged.items():
+        key = Job.key_for(job.id)
+        wait_until(lambda key=key: conn.hget(key, "status") == b"failed", 30, f"forged job {name} to fail")
+        latest = Job.fetch(job.id, connection=conn).latest_result()
+        assert "not a doredis chunk" in latest.exc_string, latest.exc_string
+        assert not marks[name].exists(), name
+    # The worker is unharmed and serves the next run (which also means it sent any webhook by now).
+    if secret:
+        monkeypatch.setenv("DOREDIS_SECRET", secret)
+    assert parallel_foreach([5], tasks.square, redis=redis_url, queue=queue, progress=False) == [25]
+    hook.shutdown()
+    assert worker.poll() is None
+    assert not hits
+    assert not any(path.exists() for path in marks.values())
+    logs = workers.all_logs()
+    assert "names the global io.open" in logs  # builtins.open, as pickle spells it
+    assert "it calls 'os.system'" in logs
+    assert "callbacks or webhooks" in logs
+    # Refused once each: a forged job's retries are taken away too.
+    assert len(re.findall(r"doredis.worker: Worker \S+: refused job", logs)) == 3, logs

@@ -17,6 +17,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 
+import joblib
 import pytest
 import tasks
 from helpers import REPO, TESTS, WorkerPool, wait_until
@@ -123,6 +124,8 @@ def test_the_readme_acl_is_all_doredis_needs(secured, tmp_path, monkeypatch):
             run(range(3), lambda x: 1 / 0)
         with doredis.Executor(redis=url, queue=queue) as executor:
             assert executor.submit(pow, 2, 10).result() == 1024
+        with joblib.parallel_config(backend="doredis", redis=url, queue=queue):  # the joblib backend
+            assert joblib.Parallel(n_jobs=-1)(joblib.delayed(abs)(-x) for x in range(30)) == list(range(30))
         # a run the CLI looks at and cancels while it is queued, and one gathered by attach()
         slow = doredis.submit(
             range(8), functools.partial(tasks.sleep_then_square, seconds=0.3), chunk_size=1, redis=url,

@@ -7,8 +7,10 @@ import hmac
 import pickle
 
 import pytest
+from rq import Retry
+from rq.serializers import DefaultSerializer
 
-from doredis import serialization
+from doredis import protocol, serialization
 from doredis.serialization import SignatureError
 
 
@@ -132,12 +134,53 @@ def test_garbage_header_is_refused(monkeypatch, tmp_path, secret, blob):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_rq_serializer_is_sealed_too(monkeypatch, tmp_path):
+@pytest.mark.parametrize("secret", [None, "right"])
+def test_rq_job_data_is_plain_pickle_of_primitives(monkeypatch, secret):
+    """rq's job data is what rq writes by default, so rq-dashboard (rq's pickle) reads it."""
+    if secret:
+        monkeypatch.setenv("DOREDIS_SECRET", secret)
+    data = ("doredis.worker.chunk.run_chunk", None, ("0123456789abcdef", 3, 12), {})
+    blob = serialization.RQSerializer.dumps(data)
+    assert blob == DefaultSerializer.dumps(data)
+    assert DefaultSerializer.loads(blob) == data
+    assert serialization.RQSerializer.loads(blob) == data
+    meta = {"start": 12, "count": 4, "x": [1.5, b"b", True, None, {1, 2}, frozenset()]}
+    assert serialization.RQSerializer.loads(DefaultSerializer.dumps(meta)) == meta
+    # rq stores a chunk handed back by a stopping worker with rq's Retry as its result.
+    retry = serialization.RQSerializer.loads(serialization.RQSerializer.dumps(Retry(max=3)))
+    assert isinstance(retry, Retry) and retry.max == 3
+
+
+@pytest.mark.parametrize("secret", [None, "right"])
+def test_rq_job_data_naming_any_global_is_refused_before_it_runs(monkeypatch, tmp_path, secret):
+    if secret:
+        monkeypatch.setenv("DOREDIS_SECRET", secret)
+    marker = tmp_path / "pwned"
+    # Control: rq's own pickle serializer runs the payload's side effect.
+    DefaultSerializer.loads(_evil(marker)).close()
+    assert marker.exists()
+    marker.unlink()
+    forged = [
+        _evil(marker),
+        DefaultSerializer.dumps((protocol.JOB_FUNCTION, None, (_WritesFile(str(marker)), 0, 0), {})),
+        DefaultSerializer.dumps(("os.system", None, ("true",), {})),  # harmless: strings only
+    ]
+    for blob in forged[:2]:
+        with pytest.raises(pickle.UnpicklingError, match="names the global"):
+            serialization.RQSerializer.loads(blob)
+    assert not marker.exists()
+    # A function's *name* is just a string: the worker's job guard refuses it (tests/integration).
+    assert serialization.RQSerializer.loads(forged[2])[0] == "os.system"
+
+
+def test_rq_job_data_sealed_by_an_older_doredis_still_loads(monkeypatch, tmp_path):
     monkeypatch.setenv("DOREDIS_SECRET", "right")
-    blob = serialization.RQSerializer.dumps(("fn", (1, 2), {}))
-    assert serialization.RQSerializer.loads(blob) == ("fn", (1, 2), {})
+    data = ("doredis.worker.chunk.run_chunk", None, ("0123456789abcdef", 0, 0), {})
+    assert serialization.RQSerializer.loads(serialization.seal(pickle.dumps(data))) == data
     with pytest.raises(SignatureError):
         serialization.RQSerializer.loads(_signed(_evil(tmp_path / "pwned"), b"wrong"))
+    with pytest.raises(pickle.UnpicklingError):  # rightly signed, still primitives only
+        serialization.RQSerializer.loads(_signed(_evil(tmp_path / "pwned"), b"right"))
     assert not (tmp_path / "pwned").exists()
 
 
