@@ -40,7 +40,7 @@ else
     case "$1" in
         # doredis subcommands always go to doredis, even if a program of the
         # same name (ping!) happens to be on PATH.
-        worker | ping | alive | demo | status | scale | local | cancel | purge | -*)
+        worker | ping | alive | demo | status | scale | local | cancel | purge | exporter | -*)
             set -- doredis "$@"
             ;;
         *)

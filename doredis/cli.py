@@ -11,6 +11,7 @@ import time
 import click
 
 from . import connection
+from .metrics import MetricsError
 from .protocol import DEFAULT_QUEUE
 
 REDIS_HELP = (
@@ -74,9 +75,33 @@ def main(redis_ca: str | None) -> None:
     help="After SIGTERM, seconds to finish the chunk in hand before handing the rest back to the "
     "queue [default: 25]. Keep it below the pod's terminationGracePeriodSeconds.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    envvar="DOREDIS_METRICS_PORT",
+    help="Serve Prometheus metrics on this port at /metrics (0: off) [default: 0].",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",
+    show_default=True,
+    envvar="DOREDIS_METRICS_ADDR",
+    help="Address the metrics port listens on.",
+)
 @click.option("--log-level", envvar="DOREDIS_LOG_LEVEL", default="INFO", show_default=True)
 def worker(
-    redis_url, queue, preload, max_chunks, idle_timeout, burst, fork, drain_timeout, log_level
+    redis_url,
+    queue,
+    preload,
+    max_chunks,
+    idle_timeout,
+    burst,
+    fork,
+    drain_timeout,
+    metrics_port,
+    metrics_addr,
+    log_level,
 ) -> None:
     """Pull chunks of tasks from the queue and run them. SIGTERM: take no new chunk, finish the one in
     hand within the drain timeout (else hand its unfinished tasks back to the queue), then exit 0."""
@@ -88,8 +113,20 @@ def worker(
         os.environ["DOREDIS_DRAIN_TIMEOUT"] = str(drain_timeout)
 
     try:
-        code = run_worker(redis_url, queue, preload, max_chunks, idle_timeout, burst, fork, log_level)
+        code = run_worker(
+            redis_url,
+            queue,
+            preload,
+            max_chunks,
+            idle_timeout,
+            burst,
+            fork,
+            log_level,
+            metrics_port=metrics_port,
+            metrics_addr=metrics_addr,
+        )
     except (
+        MetricsError,
         connection.RedisUnavailable,
         connection.NoServerConfigured,
         ValueError,
@@ -174,10 +211,19 @@ def local(workers, queue, preload) -> None:
 @click.option("--redis", "redis_url", envvar=["DOREDIS_REDIS_URL", "REDIS_URL"], help=REDIS_HELP)
 @click.option("--queue", default=DEFAULT_QUEUE, show_default=True, envvar="DOREDIS_QUEUE")
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
-def status(redis_url, queue, watch) -> None:
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Print the exporter's metrics once, in Prometheus's text format, for every queue (e.g. for "
+    "node_exporter's textfile collector).",
+)
+def status(redis_url, queue, watch, prometheus) -> None:
     """Queue depth, runs with progress, and workers (name, state, chunks done, failures)."""
     from .status import format_status, queue_status
 
+    if prometheus:
+        _print_exposition(redis_url)
+        return
     conn = _client(redis_url)
     while True:
         text = format_status(queue_status(conn, queue))
@@ -187,6 +233,73 @@ def status(redis_url, queue, watch) -> None:
         if not watch:
             return
         time.sleep(1)
+
+
+@main.command()
+@click.option("--redis", "redis_url", envvar=["DOREDIS_REDIS_URL", "REDIS_URL"], help=REDIS_HELP)
+@click.option(
+    "--port",
+    type=click.IntRange(min=0, max=65535),
+    default=9726,
+    show_default=True,
+    envvar="DOREDIS_EXPORTER_PORT",
+    help="Port of /metrics (rq-exporter's default).",
+)
+@click.option(
+    "--addr",
+    default="0.0.0.0",
+    show_default=True,
+    envvar="DOREDIS_EXPORTER_ADDR",
+    help="Address /metrics listens on.",
+)
+@click.option("--log-level", envvar="DOREDIS_LOG_LEVEL", default="INFO", show_default=True)
+def exporter(redis_url, port, addr, log_level) -> None:
+    """Serve queue-level Prometheus metrics read from Redis at each scrape: rq-exporter's rq_* families
+    (its Grafana dashboard works as is) and doredis's queued and running chunks, busy workers, runs."""
+    import signal
+    import threading
+
+    from .metrics import serve
+    from .metrics.exporter import registry_for
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s [exporter] %(name)s: %(message)s"
+    )
+    log = logging.getLogger("doredis.exporter")
+    resolved = connection.resolve_url(redis_url)
+    if resolved is None:
+        raise click.ClickException("no Redis server: pass --redis URL or set DOREDIS_REDIS_URL")
+    try:  # not connected yet: the exporter starts and serves doredis_redis_up 0 while Redis is down
+        conn = connection.client_for(resolved)
+        conn.connection_pool.connection_kwargs["socket_timeout"] = 5  # a frozen Redis fails the scrape
+        serve(port, addr, registry_for(conn), "exporter", log)
+    except (ValueError, MetricsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    log.info("reading %s at every scrape", connection.redact(resolved))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+
+
+def _print_exposition(redis_url: str | None) -> None:
+    """``status --prometheus``: one scrape on stdout; like the exporter, a reader: it needs only the
+    README's exporter ACL (no eviction-policy check) and prints ``doredis_redis_up 0`` on failure."""
+    from .metrics import require_prometheus_client
+    from .metrics.exporter import exposition
+
+    resolved = connection.resolve_url(redis_url)
+    if resolved is None:
+        raise click.ClickException("no Redis server: pass --redis URL or set DOREDIS_REDIS_URL")
+    try:
+        require_prometheus_client()
+        conn = connection.client_for(resolved)
+    except (ValueError, MetricsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    text = exposition(conn)
+    click.echo(text, nl=False)
+    if "\ndoredis_redis_up 1.0\n" not in text:
+        raise click.ClickException(f"could not read Redis at {connection.redact(resolved)}")
 
 
 @main.command()

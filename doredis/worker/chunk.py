@@ -11,7 +11,7 @@ from rq import Retry, get_current_job
 
 from .. import outage, protocol, serialization, taskrun
 from ..protocol import ERROR, ChunkPart, ChunkResult, RunKeys, RunSpec, TaskFailure
-from . import state
+from . import metrics, state
 
 log = logging.getLogger("doredis.worker")
 
@@ -57,6 +57,7 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
         log.error("chunk %d of run %s cannot be loaded: %s: %s", chunk_no, run_id, type(exc).__name__, exc)
         failed = _whole_chunk_failed(chunk_no, start, job, worker, exc, items)
         retrying(_publish, conn, keys, failed, worker)
+        metrics.tasks(0, failed.count)
         return None
     if spec is None:
         log.info("run %s has no spec (expired or purged); chunk %d dropped", run_id, chunk_no)
@@ -70,6 +71,7 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
         # so a task that kills its worker every time is recognised and failed, not looped.
         lost = retrying(_lost_tasks, conn, keys, chunk_no, start, len(items), found)
         on_task_start = lambda index: retrying(_record_in_hand, conn, keys, chunk_no, index)  # noqa: E731
+        metrics.redelivered()
         log.warning("chunk %d of run %s: delivery %d (an earlier worker died)", chunk_no, run_id, delivery)
     if done.count:
         log.info(
@@ -99,11 +101,21 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
         raise
     whole = done.merged(result)
     if result.interrupted:
-        return _hand_back(conn, keys, whole, done, retrying)
-    retrying(
+        back = _hand_back(conn, keys, whole, done, retrying)
+        _count_delivery(whole.failures, start + done.count, whole.count - done.count)
+        return back
+    stored = retrying(
         _publish, conn, keys, whole, worker, items, spec, bool(done.offsets)
     )  # folds a reduce run's values
+    _count_delivery(stored, start + done.count, whole.count - done.count)
     return None
+
+
+def _count_delivery(failures: dict[int, TaskFailure], first: int, ran: int) -> None:
+    """This delivery ran ``ran`` tasks from index ``first``: count them in the worker's metrics,
+    failed as ``failures`` (the whole chunk's, as stored) says."""
+    failed = sum(1 for index in failures if first <= index < first + ran)
+    metrics.tasks(ran - failed, failed)
 
 
 def _hand_back(conn: redis.Redis, keys: RunKeys, whole: ChunkResult, done: _Parts, retrying) -> Retry:
@@ -330,8 +342,9 @@ def _publish(
     items=None,
     spec: RunSpec | None = None,
     parts: bool = True,
-) -> None:
-    """Store the chunk's result once (``parts``: progressive parts may exist to clear with it)."""
+) -> dict[int, TaskFailure]:
+    """Store the chunk's result once (``parts``: progressive parts may exist to clear with it).
+    Returns the failures stored (a result too large for Redis fails every task)."""
     blob = taskrun.seal_result(result, items, spec)  # a task whose value does not pickle fails alone
     limit = state.max_value_bytes()
     if len(blob) > limit:
@@ -339,7 +352,8 @@ def _publish(
             f"the chunk's results pickle to {len(blob)} bytes, more than Redis accepts in one value "
             f"({limit} bytes, proto-max-bulk-len): return less data per task or use a smaller chunk_size"
         )
-        blob = serialization.dumps(_all_failed(result, items, "ResultTooLarge", reason))
+        result = _all_failed(result, items, "ResultTooLarge", reason)
+        blob = serialization.dumps(result)
     failed = len(result.failures)
     try:
         stored = protocol.publish_result(
@@ -351,6 +365,7 @@ def _publish(
         reason = f"Redis refused to store the chunk's results ({len(blob)} bytes): {exc}"
         log.error("chunk %d of run %s: %s", result.chunk_no, keys.run_id, reason)
         small = _all_failed(result, items, "ResultTooLarge", reason)
+        result = small  # what is stored
         failed = len(small.failures)
         stored = protocol.publish_result(
             conn, keys, result.chunk_no, serialization.dumps(small), 0, failed, parts
@@ -368,6 +383,7 @@ def _publish(
             keys.run_id,
             result.chunk_no,
         )
+    return result.failures
 
 
 def _count_in_stats(conn: redis.Redis, worker: str, tasks: int, failed: int) -> None:

@@ -12,7 +12,7 @@ from rq import Worker, worker_registration
 
 from .. import connection, serverinfo
 from ..protocol import DEFAULT_QUEUE
-from . import preload, state, threads
+from . import metrics, preload, state, threads
 from .rqworker import DoredisWorker, ForkingDoredisWorker
 
 log = logging.getLogger("doredis.worker")
@@ -45,8 +45,11 @@ def run_worker(
     burst: bool = False,
     fork: bool = False,
     log_level: str | None = None,
+    metrics_port: int = 0,
+    metrics_addr: str = "0.0.0.0",
 ) -> int:
-    """Run a worker until it is stopped; returns the process exit code."""
+    """Run a worker until it is stopped; returns the process exit code. ``metrics_port`` (0: off)
+    serves the worker's Prometheus metrics (see :mod:`doredis.worker.metrics`)."""
     name = state.default_name()
     configure_logging(name, log_level)
     # Before the preload or any task imports numpy & co: they read these once, at import.
@@ -56,6 +59,8 @@ def run_worker(
         raise connection.NoServerConfigured(
             "doredis worker needs a Redis server: pass --redis URL or set DOREDIS_REDIS_URL"
         )
+    if metrics_port:  # before anything forks, and before waiting for Redis: scrapes see it waiting
+        metrics.enable(queue, name, metrics_port, metrics_addr)
     state.start_liveness_ticker()
     # A worker never exits because Redis is unreachable: at start it waits for the server.
     _stop_cleanly_on_sigterm()

@@ -24,7 +24,7 @@ from rq.worker import SimpleWorker, Worker
 
 from .. import outage, protocol, recovery, serverinfo, taskrun
 from ..serialization import RQSerializer
-from . import guard, state
+from . import guard, metrics, state
 
 log = logging.getLogger("doredis.worker")
 #: rq's own per-job chatter (three lines a chunk) goes here, shown at DEBUG level only.
@@ -99,7 +99,8 @@ class _DoredisMixin:
 
     def execute_job(self, job, queue):
         try:
-            super().execute_job(job, queue)
+            with metrics.chunk_in_hand():  # in this process under --fork too: the child's wait
+                super().execute_job(job, queue)
             self.completed += 1
         finally:
             with self._beat_lock:

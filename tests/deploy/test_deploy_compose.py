@@ -68,7 +68,7 @@ def test_compose_schema_check_catches_mistakes(raw: dict[str, Any]) -> None:
 
 
 def test_services(services: dict[str, Any]) -> None:
-    assert set(services) >= {"redis", "worker", "driver", "dashboard", "notebook"}
+    assert set(services) >= {"redis", "worker", "driver", "dashboard", "notebook", "exporter"}
 
 
 def test_worker_scales(services: dict[str, Any]) -> None:
@@ -123,7 +123,28 @@ def test_driver_and_dashboard_only_on_request(services: dict[str, Any]) -> None:
     assert services["driver"]["profiles"] == ["driver"]
     assert services["dashboard"]["profiles"] == ["dashboard"]
     assert services["notebook"]["profiles"] == ["notebook"]
+    assert services["exporter"]["profiles"] == ["metrics"]
     assert "profiles" not in services["redis"]
+
+
+@pytest.mark.parametrize("env", [{}, {"DOREDIS_EXPORTER_PORT": "19726", "DOREDIS_METRICS_PORT": "0"}])
+def test_workers_and_the_exporter_serve_metrics(raw: dict[str, Any], env: dict[str, str]) -> None:
+    """Workers serve /metrics inside the compose network (no host port: --scale), the exporter
+    on a loopback host port; both commands are ones the CLI accepts."""
+    from doredis.cli import main
+
+    services = interpolate(raw, env)["services"]
+    metrics_port = services["worker"]["environment"]["DOREDIS_METRICS_PORT"]
+    assert metrics_port == env.get("DOREDIS_METRICS_PORT", "9727")
+    exporter = services["exporter"]
+    assert exporter["command"] == ["exporter"]
+    host_port = env.get("DOREDIS_EXPORTER_PORT", "9726")
+    assert exporter["ports"] == [f"127.0.0.1:{host_port}:9726"], "the exporter's default port, on loopback"
+    assert exporter["depends_on"]["redis"]["condition"] == "service_healthy"
+    # its own healthcheck (the image's is the worker's liveness), on the port it serves
+    assert "http://127.0.0.1:9726/metrics" in " ".join(exporter["healthcheck"]["test"])
+    ctx = main.make_context("doredis", ["exporter"])
+    main.get_command(ctx, "exporter").make_context("exporter", [], parent=ctx)
 
 
 def test_redis_has_an_authenticated_healthcheck(services: dict[str, Any]) -> None:
@@ -144,6 +165,7 @@ def test_clients_use_the_redis_service_and_password(raw: dict[str, Any], env: di
         ("worker", "DOREDIS_REDIS_URL"),
         ("driver", "DOREDIS_REDIS_URL"),
         ("dashboard", "RQ_DASHBOARD_REDIS_URL"),
+        ("exporter", "DOREDIS_REDIS_URL"),
     ):
         url = urlsplit(services[name]["environment"][key])
         assert url.scheme == "redis"
@@ -151,8 +173,8 @@ def test_clients_use_the_redis_service_and_password(raw: dict[str, Any], env: di
         assert url.port == 6379, name
         assert url.password == password == env.get("REDIS_PASSWORD", "doredis"), name
     worker_env, driver_env = services["worker"]["environment"], services["driver"]["environment"]
-    # Only worker settings may differ (the drain timeout).
-    shared = set(worker_env) - {"DOREDIS_DRAIN_TIMEOUT"}
+    # Only worker settings may differ (the drain timeout, the metrics port).
+    shared = set(worker_env) - {"DOREDIS_DRAIN_TIMEOUT", "DOREDIS_METRICS_PORT"}
     assert shared == set(driver_env)
     assert {k: worker_env[k] for k in shared} == driver_env, (
         "driver and workers must share URL, queue and DOREDIS_SECRET"

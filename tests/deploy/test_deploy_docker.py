@@ -300,6 +300,7 @@ def test_without_extra_packages_nothing_is_installed(container: Container) -> No
         (["worker"], ["worker"]),
         (["ping"], ["ping"]),  # not the `ping` program on PATH
         (["alive"], ["alive"]),
+        (["exporter"], ["exporter"]),
         (["--help"], ["--help"]),
         (["some-future-subcommand", "-x"], ["some-future-subcommand", "-x"]),
         (["doredis", "status"], ["status"]),

@@ -1065,7 +1065,9 @@ def test_selectors_do_not_overlap(renderings: dict[str, list[Obj]], driver_job: 
 
 
 # ------------------------------------------------------------ NetworkPolicy
-def test_only_workers_and_drivers_reach_redis(renderings: dict[str, list[Obj]], driver_job: Obj) -> None:
+def test_only_workers_drivers_and_the_exporter_reach_redis(
+    renderings: dict[str, list[Obj]], driver_job: Obj
+) -> None:
     keda_peer = {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "keda-operator"}},
@@ -1076,6 +1078,7 @@ def test_only_workers_and_drivers_reach_redis(renderings: dict[str, list[Obj]], 
         assert worker_template is not None
         worker_pod = worker_template["metadata"]["labels"]
         driver_pod = driver_job["spec"]["template"]["metadata"]["labels"]
+        exporter_pod = one(objs, "Deployment", "exporter")["spec"]["template"]["metadata"]["labels"]
         policies = [
             p for p in find(objs, "NetworkPolicy") if selector_matches(p["spec"]["podSelector"], redis_pod)
         ]
@@ -1095,14 +1098,58 @@ def test_only_workers_and_drivers_reach_redis(renderings: dict[str, list[Obj]], 
                         for role, labels in (
                             ("worker", worker_pod),
                             ("driver", driver_pod),
+                            ("exporter", exporter_pod),
                             ("redis", redis_pod),
                         )
                         if selector_matches(peer["podSelector"], labels)
                     }
-                    assert hits and hits <= {"worker", "driver"}, f"{where}: peer {peer} selects {hits}"
+                    roles = {"worker", "driver", "exporter"}
+                    assert hits and hits <= roles, f"{where}: peer {peer} selects {hits}"
                     allowed_roles |= hits
-        expected = {"worker", "driver", "keda"} if where in KEDA_OVERLAYS else {"worker", "driver"}
+        expected = {"worker", "driver", "exporter"} | ({"keda"} if where in KEDA_OVERLAYS else set())
         assert allowed_roles == expected, where
+
+
+# ------------------------------------------------------------------- metrics
+def _scrape_target(template: Obj, container: Obj) -> int:
+    """The port Prometheus's prometheus.io/* pod annotations point at, checked against the
+    container's ports: scraping on, path /metrics, a declared containerPort named metrics."""
+    annotations = template["metadata"].get("annotations", {})
+    assert annotations.get("prometheus.io/scrape") == "true", annotations
+    assert annotations.get("prometheus.io/path") == "/metrics", annotations
+    port = int(annotations["prometheus.io/port"])
+    assert {"name": "metrics", "containerPort": port} in container.get("ports", []), container.get("ports")
+    return port
+
+
+def test_prometheus_scrapes_every_worker_and_the_exporter(renderings: dict[str, list[Obj]]) -> None:
+    from doredis.cli import main
+
+    for where, objs in renderings.items():
+        worker = _worker_workload(objs)
+        template = pod_template(worker)
+        assert template is not None
+        container = _container(worker, "worker")
+        port = _scrape_target(template, container)
+        assert env_setting(container, objs, "DOREDIS_METRICS_PORT") == str(port), where
+        exporter = one(objs, "Deployment", "exporter")
+        assert exporter["spec"]["replicas"] == 1, "one exporter: it keeps no state"
+        template = pod_template(exporter)
+        assert template is not None
+        container = _container(exporter, "exporter")
+        port = _scrape_target(template, container)
+        assert container["args"] == ["exporter"], where
+        assert env_setting(container, objs, "DOREDIS_EXPORTER_PORT") == str(port), where
+        # the exporter reads the Redis the workers use
+        worker_url = env_setting(_container(worker, "worker"), objs, "DOREDIS_REDIS_URL")
+        assert env_setting(container, objs, "DOREDIS_REDIS_URL") == worker_url, where
+        for probe in ("livenessProbe", "readinessProbe"):  # never "Redis answers"
+            assert "exec" not in container[probe], f"{where}: {probe}"
+        service = one(objs, "Service", "exporter")
+        assert selector_matches({"matchLabels": service["spec"]["selector"]}, template["metadata"]["labels"])
+        assert service["spec"]["ports"][0]["targetPort"] in ("metrics", port)
+    ctx = main.make_context("doredis", ["exporter"])
+    main.get_command(ctx, "exporter").make_context("exporter", [], parent=ctx)
 
 
 # ---------------------------------------------------------------------- KEDA

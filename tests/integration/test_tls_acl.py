@@ -31,11 +31,11 @@ USER, PASSWORD = "doredis", "app-Pw_1"
 REFUSED_CONFIG = "refuses CONFIG GET proto-max-bulk-len"
 
 
-def readme_acl_rules() -> list[str]:
-    """The rules of the README's ``ACL SETUSER doredis ...`` line, with PASSWORD replaced."""
+def readme_acl_rules(user: str = "doredis") -> list[str]:
+    """The rules of the README's ``ACL SETUSER <user> ...`` line, with PASSWORD replaced."""
     lines = [ln.strip() for ln in (REPO / "README.md").read_text().splitlines()]
-    found = [ln for ln in lines if ln.startswith("ACL SETUSER doredis ")]
-    assert len(found) == 1, "the README should document exactly one ACL SETUSER doredis line"
+    found = [ln for ln in lines if ln.startswith(f"ACL SETUSER {user} ")]
+    assert len(found) == 1, f"the README should document exactly one ACL SETUSER {user} line"
     rules = found[0].split()[3:]
     assert rules[:2] == ["on", ">PASSWORD"], rules
     return rules[2:]
@@ -134,6 +134,9 @@ def test_the_readme_acl_is_all_doredis_needs(secured, tmp_path, monkeypatch):
         status = doredis_cli("status", "--redis", url, "--queue", queue, env=cli_env(**env))
         assert status.returncode == 0, status.stderr
         assert slow.id in status.stdout and "workers (2):" in status.stdout, status.stdout
+        prometheus = doredis_cli("status", "--prometheus", "--redis", url, env=cli_env(**env))
+        assert prometheus.returncode == 0, prometheus.stderr
+        assert f'doredis_workers{{queue="{queue}"}} 2.0' in prometheus.stdout, prometheus.stdout
         ping = doredis_cli("ping", env=cli_env(DOREDIS_REDIS_URL=url, **env))
         assert ping.returncode == 0, ping.stderr
         scheme = "rediss" if secured.tls else "redis"
@@ -157,6 +160,42 @@ def test_the_readme_acl_is_all_doredis_needs(secured, tmp_path, monkeypatch):
     for process in pool.processes:
         assert pool.log_text(process).count(REFUSED_CONFIG) == 1, pool.log_text(process)
     assert PASSWORD not in logs + status.stdout + status.stderr + ping.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_readme_exporter_acl_is_all_the_exporter_needs(tmp_path):
+    """``doredis exporter`` under the README's narrower ACL line: it reads, and writes nothing of
+    its own (rq's ``Worker.all`` may SREM a dead worker's registration)."""
+    server = SecuredServer(find_redis_server(), tls=False)
+    admin_url = server.url(password=server.admin_password)
+    queue = f"acl-exp-{uuid.uuid4().hex[:8]}"
+    pool = WorkerPool(admin_url, queue, tmp_path)
+    try:
+        server.set_user("doredis-exporter", PASSWORD, *readme_acl_rules("doredis-exporter"))
+        pool.start(1)
+        failed = doredis.parallel_foreach(  # a failed run: its summary stays in the runs index
+            range(3), lambda x: 1 / (x - 1), errors="skip", redis=admin_url, queue=queue, progress=False
+        )
+        assert failed == [-1.0, 1.0]
+        with pytest.raises(doredis.TaskError):
+            doredis.parallel_foreach(range(2), lambda x: 1 / 0, redis=admin_url, queue=queue, progress=False)
+        url = server.url("doredis-exporter", PASSWORD)
+        printed = doredis_cli("status", "--prometheus", "--redis", url)
+        assert printed.returncode == 0, printed.stderr
+        assert f'doredis_workers{{queue="{queue}"}} 1.0' in printed.stdout, printed.stdout
+        assert f'doredis_runs{{queue="{queue}",state="failed"}} 1.0' in printed.stdout, printed.stdout
+        assert "doredis_redis_up 1.0" in printed.stdout
+        # a dead worker's registration, which rq's Worker.all tidies (SREM) as it reads
+        admin = server.admin()
+        admin.sadd("rq:workers", "rq:worker:gone:1")
+        assert doredis_cli("status", "--prometheus", "--redis", url).returncode == 0
+        assert not admin.sismember("rq:workers", "rq:worker:gone:1")
+    finally:
+        pool.stop_all()
+    denied = {(entry["reason"], entry["object"]) for entry in server.acl_log()}
+    optional = {("command", c) for c in ("client|setinfo", "client|maint_notifications", "client")}
+    server.stop()
+    assert denied <= optional, f"the exporter needs more than the README's ACL: {denied - optional}"
 
 
 @pytest.mark.timeout(60)
