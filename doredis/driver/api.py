@@ -55,6 +55,7 @@ def submit(
     queue: str = DEFAULT_QUEUE,
     redis: str | redis_py.Redis | None = None,
     backend: str | None = None,
+    ship: Iterable | bool | None = None,
 ) -> Run | SerialRun:
     """Submit ``fn`` over ``items`` and return at once with a :class:`Run` (``id``, ``progress()``,
     ``results()``, ``cancel()``); the options are those of :func:`parallel_foreach`."""
@@ -69,6 +70,7 @@ def submit(
         ordered=ordered,
         progress=progress,
         queue=queue,
+        ship=ship,
     )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'redis' (the default) or 'serial', got {backend!r}")
@@ -89,7 +91,9 @@ def parallel_foreach(items: Iterable, fn: Callable[[Any], Any], **options: Any) 
     ``ordered`` (False: completion order), ``progress``
     (force the bar on or off), ``queue``, ``redis`` (URL or client; default: DOREDIS_REDIS_URL,
     REDIS_URL, else an embedded server with local workers), ``backend`` ("serial" runs
-    everything here, for debugging).
+    everything here, for debugging), ``ship`` (modules or module names to ship to the workers
+    with the run, besides the project modules found automatically; False: ship nothing; see
+    :mod:`doredis.shipping`).
     """
     return submit(items, fn, **options).results()
 

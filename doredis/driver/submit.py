@@ -3,6 +3,7 @@ submission window (:mod:`doredis.driver.source`)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 import redis
 from rq import Queue
 
-from .. import connection, outage, protocol, serialization
+from .. import connection, outage, protocol, serialization, shipping, versions
 from ..outage import Outage
 from ..protocol import RunKeys
 from ..serialization import RQSerializer
@@ -28,10 +29,11 @@ log = logging.getLogger("doredis.driver")
 _MAX_BATCH = 64
 
 
-def pickle_spec(fn: Callable, options: RunOptions) -> bytes:
-    """The run's spec, sealed; a TypeError naming the function (or reduce) if it cannot be pickled."""
+def pickle_spec(fn: Callable, options: RunOptions) -> tuple[bytes, set[str]]:
+    """The run's spec, sealed, and the modules unpickling it imports; a TypeError naming the
+    function (or reduce) if it cannot be pickled."""
     try:
-        return serialization.dumps(options.spec(fn))
+        return serialization.dumps_tracking(options.spec(fn))
     except Exception as exc:
         for role, obj in (("the function", fn), ("the reduce function", options.reduce)):
             if obj is None:
@@ -41,6 +43,19 @@ def pickle_spec(fn: Callable, options: RunOptions) -> bytes:
             except Exception as inner:
                 raise serialization.pickling_error(obj, role, inner) from inner
         raise serialization.pickling_error(fn, "the run's function", exc) from exc
+
+
+def code_to_ship(
+    options: RunOptions, referenced: set[str], first_chunk: list | None
+) -> shipping.Bundle | None:
+    """The project code the run ships (see :mod:`doredis.shipping`): what the function needs, and
+    what the first chunk's items need (an Executor's calls travel as items)."""
+    if shipping.auto_enabled(options.ship) and first_chunk:
+        try:
+            referenced = referenced | serialization.dumps_tracking(first_chunk)[1]
+        except Exception:  # an unpicklable item: reported, by name, when the chunk is pickled
+            pass
+    return shipping.bundle(options.ship, referenced)
 
 
 def pickle_items(items: list, start: int) -> bytes:
@@ -64,24 +79,36 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
     behind). The rest of a longer input is enqueued by a background thread, as the caller
     consumes results (see :mod:`doredis.driver.source`).
     """
-    spec_blob = pickle_spec(fn, options)
+    spec_blob, referenced = pickle_spec(fn, options)
     run_id = protocol.new_run_id()
     redis_outage = Outage(connection.describe(conn), log, outage.tolerance())
     workers = redis_outage.call(connected_workers, conn, options.queue)
+    chunks = iter_chunks(items, options.chunk_size, workers)
+    first = next(chunks, None)
+    code = code_to_ship(options, referenced, first)
+    meta = {
+        "queue": options.queue,
+        "created": time.time(),
+        "errors": options.errors,
+        "ordered": int(options.ordered),
+        "reduce": int(options.reduce is not None),
+        "driver": f"{socket.gethostname()}:{os.getpid()}",
+        **{protocol.version_field(name): value for name, value in versions.local_versions().items()},
+    }
+    if code is not None:
+        meta[protocol.META_CODE] = code.sha
+        meta[protocol.META_MODULES] = ",".join(code.modules)
+        log.info("run %s ships %s (%d bytes)", run_id, ", ".join(code.modules), len(code.blob))
     source = RunSource(
         run_id,
         options.queue,
         spec_blob,
-        {
-            "queue": options.queue,
-            "created": time.time(),
-            "errors": options.errors,
-            "ordered": int(options.ordered),
-            "reduce": int(options.reduce is not None),
-            "driver": f"{socket.gethostname()}:{os.getpid()}",
-        },
+        meta,
         window_size(workers),
+        code_blob=serialization.seal(code.blob) if code is not None else None,
     )
+    if first is not None:
+        chunks = itertools.chain([first], chunks)
 
     def store_run() -> None:
         with conn.pipeline() as pipe:
@@ -90,7 +117,7 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
 
     redis_outage.call(store_run)
     redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
-    submitter = _Submitter(conn, source, iter_chunks(items, options.chunk_size, workers), redis_outage)
+    submitter = _Submitter(conn, source, chunks, redis_outage)
     try:
         submitter.submit(limit=source.window)
         if submitter.exhausted:
