@@ -77,6 +77,16 @@ def dumps(obj: Any) -> bytes:
     return seal(cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def _by_reference(obj: Any) -> bool:
+    """Does cloudpickle pickle ``obj`` (a class or function) by reference, as module + name? (A
+    function or class it pickles by value does not need its module on the other side.)"""
+    check = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+    try:
+        return True if check is None else bool(check(obj))
+    except Exception:
+        return True
+
+
 class _ModuleTracker(cloudpickle.Pickler):
     """cloudpickle's pickler, noting the modules the pickle will need to load: those of every
     module, class and function pickled by reference, and those imported inside functions (whose
@@ -93,7 +103,7 @@ class _ModuleTracker(cloudpickle.Pickler):
                 self.modules.add(obj.__name__)
             elif isinstance(obj, type | types.FunctionType | types.BuiltinFunctionType):
                 module = getattr(obj, "__module__", None)
-                if isinstance(module, str):
+                if isinstance(module, str) and _by_reference(obj):
                     self.modules.add(module)
                 if isinstance(obj, types.FunctionType):
                     self._scan(obj.__code__)
