@@ -187,3 +187,31 @@ def test_an_executor_ships_the_code_of_the_calls_it_submits(
     start_workers(workers, elsewhere, tmp_path, n=1)
     out = run_driver(project, redis_url, queue, mode="executor")
     assert out["ok"] == [6, [1010, 1020]], out
+
+
+@pytest.mark.timeout(120)
+def test_shipped_code_is_signed_and_stored_once_per_run(
+    redis_url, queue, workers, conn, tmp_path, monkeypatch
+):
+    secret = {"DOREDIS_SECRET": "shipping-test-secret"}
+    workers.start(1, env={**secret, "DOREDIS_CODE_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)
+    monkeypatch.setenv("DOREDIS_SECRET", secret["DOREDIS_SECRET"])
+    src = tmp_path / "signedproj"
+    src.mkdir()
+    name = f"signed_{os.getpid()}_{queue.replace('-', '_')}"
+    (src / f"{name}.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(src))  # the driver's path only
+    module = __import__(name)
+
+    import doredis
+    from doredis import protocol
+
+    run = doredis.submit(range(5), module.twice, redis=redis_url, queue=queue, chunk_size=1)
+    keys = protocol.RunKeys(run.id)
+    stored = conn.get(keys.code)
+    assert stored[:4] == b"DR1s", "the shipped zip is signed like every payload"
+    meta = conn.hgetall(keys.meta)
+    assert meta[protocol.META_MODULES.encode()] == name.encode()
+    assert len(meta[protocol.META_CODE.encode()]) == 64
+    assert not any(name.encode() in blob for blob in conn.hvals(keys.items)), "the code is not in the chunks"
+    assert run.results() == [0, 2, 4, 6, 8]
