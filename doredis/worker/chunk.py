@@ -67,7 +67,7 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
     items = None
     shipped: tuple[str, ...] = ()
     try:
-        loaded = retrying(_load_run, conn, keys)  # checks versions, makes the run's code current
+        loaded = _load_run(conn, keys, retrying)  # checks versions, makes the run's code current
         if loaded is None:
             log.info("run %s has no spec (expired or purged); chunk %d dropped", run_id, chunk_no)
             return None
@@ -290,18 +290,27 @@ _RUN_FIELDS = [
 ]
 
 
-def _load_run(conn: redis.Redis, keys: RunKeys) -> _Loaded | None:
+def _read_run(conn: redis.Redis, keys: RunKeys) -> tuple[list, bytes | None]:
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.meta, _RUN_FIELDS)
+        pipe.get(keys.spec)
+        fields, blob = pipe.execute()
+    return fields, blob
+
+
+def _load_run(conn: redis.Redis, keys: RunKeys, retrying) -> _Loaded | None:
     """The run's function, with its shipped code current (None when the run is gone). Raises
-    :class:`_Skew` before unpickling anything when the driver's versions differ from ours."""
+    :class:`_Skew` before unpickling anything when the driver's versions differ from ours.
+
+    Only the Redis reads are retried through an outage: an OSError of the code cache or of a
+    module being imported is the chunk's failure, not Redis's.
+    """
     loaded = _SPEC_CACHE.get(keys.run_id)
     if loaded is not None:
         _SPEC_CACHE.move_to_end(keys.run_id)
         code.activate(loaded.code, loaded.modules)
         return loaded
-    with conn.pipeline(transaction=False) as pipe:
-        pipe.hmget(keys.meta, _RUN_FIELDS)
-        pipe.get(keys.spec)
-        fields, blob = pipe.execute()
+    fields, blob = retrying(_read_run, conn, keys)
     if blob is None:
         return None
     sha, modules, *driver = (value.decode() if value is not None else None for value in fields)
@@ -311,7 +320,7 @@ def _load_run(conn: redis.Redis, keys: RunKeys) -> _Loaded | None:
     shipped = tuple(filter(None, (modules or "").split(",")))
     if sha:
         if not code.have(sha):
-            zipped = conn.get(keys.code)
+            zipped = retrying(conn.get, keys.code)
             if zipped is None:
                 return None
             code.install(sha, serialization.unseal(zipped, f"the code shipped with run {keys.run_id}"))

@@ -215,3 +215,28 @@ def test_shipped_code_is_signed_and_stored_once_per_run(
     assert len(meta[protocol.META_CODE.encode()]) == 64
     assert not any(name.encode() in blob for blob in conn.hvals(keys.items)), "the code is not in the chunks"
     assert run.results() == [0, 2, 4, 6, 8]
+
+
+@pytest.mark.timeout(90)
+def test_a_shipped_module_that_fails_to_import_fails_the_tasks_instead_of_hanging(
+    redis_url, queue, workers, tmp_path, monkeypatch
+):
+    workers.start(1, env={"DOREDIS_CODE_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)
+    src = tmp_path / "brokenproj"
+    src.mkdir()
+    name = f"needs_a_file_{queue.replace('-', '_')}"
+    (src / f"{name}.py").write_text(
+        "import os\n"
+        "if os.environ.get('SHIPPING_TEST_DRIVER') != '1':\n"
+        "    open('/nonexistent/doredis-test-input.csv')  # an OSError at import, on the worker only\n"
+        "def f(x):\n    return x\n"
+    )
+    monkeypatch.setenv("SHIPPING_TEST_DRIVER", "1")
+    monkeypatch.syspath_prepend(str(src))
+    module = __import__(name)
+
+    import doredis
+
+    with pytest.raises(doredis.TaskError) as caught:
+        doredis.parallel_foreach(range(2), module.f, redis=redis_url, queue=queue)
+    assert caught.value.exc_type == "FileNotFoundError", caught.value
