@@ -47,15 +47,18 @@ def pickle_spec(fn: Callable, options: RunOptions) -> tuple[bytes, set[str]]:
 
 def code_to_ship(
     options: RunOptions, referenced: set[str], first_chunk: list | None
-) -> shipping.Bundle | None:
+) -> tuple[shipping.Bundle | None, bytes | None]:
     """The project code the run ships (see :mod:`doredis.shipping`): what the function needs, and
-    what the first chunk's items need (an Executor's calls travel as items)."""
+    what the first chunk's items need (an Executor's calls travel as items); and the first
+    chunk's sealed items when pickling them found their modules (so they are pickled once)."""
+    first_blob = None
     if shipping.auto_enabled(options.ship) and first_chunk:
         try:
-            referenced = referenced | serialization.dumps_tracking(first_chunk)[1]
+            first_blob, modules = serialization.dumps_tracking(first_chunk)
+            referenced = referenced | modules
         except Exception:  # an unpicklable item: reported, by name, when the chunk is pickled
             pass
-    return shipping.bundle(options.ship, referenced)
+    return shipping.bundle(options.ship, referenced), first_blob
 
 
 def pickle_items(items: list, start: int) -> bytes:
@@ -85,7 +88,7 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
     workers = redis_outage.call(connected_workers, conn, options.queue)
     chunks = iter_chunks(items, options.chunk_size, workers)
     first = next(chunks, None)
-    code = code_to_ship(options, referenced, first)
+    code, first_blob = code_to_ship(options, referenced, first)
     meta = {
         "queue": options.queue,
         "created": time.time(),
@@ -117,7 +120,7 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
 
     redis_outage.call(store_run)
     redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
-    submitter = _Submitter(conn, source, chunks, redis_outage)
+    submitter = _Submitter(conn, source, chunks, redis_outage, first_blob)
     try:
         submitter.submit(limit=source.window)
         if submitter.exhausted:
@@ -152,7 +155,15 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
 class _Submitter:
     """Pickles chunks and enqueues them in growing batches (one round trip each), within the window."""
 
-    def __init__(self, conn: redis.Redis, source: RunSource, chunks: Iterator[list], redis_outage: Outage):
+    def __init__(
+        self,
+        conn: redis.Redis,
+        source: RunSource,
+        chunks: Iterator[list],
+        redis_outage: Outage,
+        first_blob: bytes | None = None,
+    ):
+        self._first_blob = first_blob  # the first chunk's items, pickled already
         self.conn = conn
         self.source = source
         self.queue = Queue(source.queue, connection=conn, serializer=RQSerializer)
@@ -190,7 +201,11 @@ class _Submitter:
             chunk = self._next_chunk()
             if chunk is None:
                 break
-            self.source.add(self.chunk_no, self.total, len(chunk), pickle_items(chunk, self.total))
+            if self.chunk_no == 0 and self._first_blob is not None:
+                blob, self._first_blob = self._first_blob, None
+            else:
+                blob = pickle_items(chunk, self.total)
+            self.source.add(self.chunk_no, self.total, len(chunk), blob)
             batch.append(self.chunk_no)
             self.total += len(chunk)
             self.chunk_no += 1
