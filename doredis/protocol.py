@@ -40,6 +40,9 @@ TTL, and whoever writes a key gives it that TTL, or writes it only where it exis
                                            entries older than the run TTL are pruned and the zset
                                            expires with its newest run (PRUNE_RUNS)
 ``doredis:worker:<name>``          hash    chunks, tasks, failures of one worker (with a TTL)
+``rq:worker:<name>`` (rq's)        hash    rq's worker hash; doredis adds the worker's versions,
+                                           ``doredis:v:python``, ``doredis:v:cloudpickle``,
+                                           ``doredis:v:doredis`` (``worker_version_field``)
 =================================  ======  ====================================================
 
 Chunks travel as rq jobs (one job per chunk) on rq's own queue list ``rq:queue:<queue>``, so

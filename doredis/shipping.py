@@ -235,6 +235,11 @@ def plan(ship: Any, referenced: Iterable[str]) -> dict[str, list[tuple[str, str]
                 "ship (and DOREDIS_SHIP) name modules the driver can import"
             ) from exc
         top = name.split(".")[0]
+        if top in ("__main__", "__mp_main__"):
+            raise ShipError(
+                f"cannot ship module {name!r}: the driver script's own functions travel with the run "
+                "anyway (by value); ship the modules it imports instead"
+            )
         if top in _NEVER or top in sys.stdlib_module_names or top in sys.builtin_module_names:
             raise ShipError(
                 f"cannot ship module {name!r}: it is part of {'doredis' if top == 'doredis' else 'Python'} "

@@ -35,6 +35,8 @@ log = logging.getLogger("doredis.worker")
 CACHE_ENV = "DOREDIS_CODE_CACHE"
 #: Code versions whose modules a worker keeps aside for runs that come back to them.
 _KEEP = 16
+#: Extracted code versions kept in the cache directory (the least recently used go first).
+KEEP_ON_DISK = 64
 _BASE = ""  # the worker's own modules: the "code version" of runs that ship nothing
 
 _active = _BASE
@@ -96,7 +98,22 @@ def install(sha: str, blob: bytes) -> str:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
     log.info("shipped code %s (%d bytes) extracted to %s", sha[:12], len(blob), target)
+    _prune(root, keep={sha, _active})
     return target
+
+
+def _prune(root: str, keep: set[str]) -> None:
+    """Remove the least recently used extracted versions beyond KEEP_ON_DISK (best effort)."""
+    try:
+        entries = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    except OSError:
+        return
+    if len(entries) <= KEEP_ON_DISK:
+        return
+    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    for entry in entries[KEEP_ON_DISK:]:
+        if entry.name not in keep:
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _top(name: str) -> str:
@@ -136,6 +153,10 @@ def activate(sha: str | None, modules: tuple[str, ...] = ()) -> None:
     if sha != _BASE:
         _active_dir = directory(sha)
         sys.path.insert(0, _active_dir)
+        try:
+            os.utime(_active_dir)  # recently used: pruned last
+        except OSError:
+            pass
     importlib.invalidate_caches()
     _active = sha
     log.debug("code %s active (shipping %s)", sha[:12] or "of the worker", ", ".join(modules) or "nothing")

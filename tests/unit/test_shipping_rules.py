@@ -99,3 +99,21 @@ def test_a_tampered_zip_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("DOREDIS_CODE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="does not match its sha256"):
         code.install(hashlib.sha256(b"x").hexdigest(), json.dumps({}).encode())
+
+
+def test_the_code_cache_keeps_the_most_recent_versions(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOREDIS_CODE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(code, "KEEP_ON_DISK", 2)
+    shas = []
+    for value in range(4):
+        src = tmp_path / f"p{value}"
+        src.mkdir()
+        (src / "prunemod.py").write_text(f"VALUE = {value}\n")
+        monkeypatch.syspath_prepend(str(src))
+        made = shipping.bundle(["prunemod"], set())
+        sys.path.remove(str(src))
+        sys.modules.pop("prunemod", None)
+        code.install(made.sha, made.blob)
+        shas.append(made.sha)
+    kept = {p.name for p in (tmp_path / "cache").iterdir()}
+    assert shas[-1] in kept and len(kept) <= 3, kept
