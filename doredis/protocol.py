@@ -14,6 +14,9 @@ TTL, and whoever writes a key gives it that TTL, or writes it only where it exis
                                            every other key of the run is deleted (END_RUN)
 ``doredis:run:<id>:spec``          string  the signed, cloudpickled :class:`RunSpec` (the user's
                                            function travels once per run, not once per task)
+``doredis:run:<id>:code``          string  the signed zip of the project modules shipped with the
+                                           run (only when it ships some; ``code`` in the meta is
+                                           its sha256, ``modules`` their names)
 ``doredis:run:<id>:items``         hash    chunk number -> signed, pickled list of the chunk's items
                                            (kept out of rq's job data, which rq zlib-compresses;
                                            deleted when the chunk's result is stored)
@@ -37,6 +40,9 @@ TTL, and whoever writes a key gives it that TTL, or writes it only where it exis
                                            entries older than the run TTL are pruned and the zset
                                            expires with its newest run (PRUNE_RUNS)
 ``doredis:worker:<name>``          hash    chunks, tasks, failures of one worker (with a TTL)
+``rq:worker:<name>`` (rq's)        hash    rq's worker hash; doredis adds the worker's versions,
+                                           ``doredis:v:python``, ``doredis:v:cloudpickle``,
+                                           ``doredis:v:doredis`` (``worker_version_field``)
 =================================  ======  ====================================================
 
 Chunks travel as rq jobs (one job per chunk) on rq's own queue list ``rq:queue:<queue>``, so
@@ -98,6 +104,31 @@ META_ENDED = "ended"
 #: ``total`` count the submitted tasks only)
 META_RESUMED = "resumed"
 
+# meta fields a driver writes when it stores a run, read by a worker before it loads the function
+#: sha256 (hex) of the run's shipped code (``RunKeys.code``); absent when the run ships none
+META_CODE = "code"
+#: the top-level modules and packages shipped, comma-separated
+META_MODULES = "modules"
+#: the driver's versions (see :mod:`doredis.versions`): field ``v:<name>`` for each name
+META_VERSION_PREFIX = "v:"
+
+
+def version_field(name: str) -> str:
+    """Meta field (and rq worker hash field) holding version ``name`` (python, cloudpickle, doredis)."""
+    return f"{META_VERSION_PREFIX}{name}"
+
+
+#: Fields a worker adds to its rq worker hash (``rq:worker:<name>``): its versions, one
+#: ``doredis:v:<name>`` field each, so that ``doredis status`` and other workers can read them.
+def worker_version_field(name: str) -> str:
+    return f"{PREFIX}:{version_field(name)}"
+
+
+#: A worker whose versions differ from a run's driver hands the chunk back (to the back of the
+#: queue) while a worker with matching versions is connected, waiting this long first so that it
+#: does not spin on the queue; with no matching worker connected it fails the chunk's tasks.
+SKEW_BACKOFF = 0.5
+
 JOB_FUNCTION = "doredis.worker.chunk.run_chunk"
 
 
@@ -146,6 +177,10 @@ class RunKeys:
         return self._k("spec")
 
     @property
+    def code(self) -> str:
+        return self._k("code")
+
+    @property
     def items(self) -> str:
         return self._k("items")
 
@@ -177,6 +212,7 @@ class RunKeys:
         return [
             self.meta,
             self.spec,
+            self.code,
             self.items,
             self.parts,
             self.results,

@@ -17,12 +17,14 @@ read); the worker then refuses any job that is not one of doredis's chunks
 
 from __future__ import annotations
 
+import dis
 import hashlib
 import hmac
 import io
 import logging
 import os
 import pickle
+import types
 from typing import Any
 
 import cloudpickle
@@ -80,6 +82,67 @@ def _refuse(reason: str) -> SignatureError:
 def dumps(obj: Any) -> bytes:
     """cloudpickle ``obj`` (lambdas, closures and ``__main__`` functions included) and seal it."""
     return seal(cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _by_reference(obj: Any) -> bool:
+    """Does cloudpickle pickle ``obj`` (a class or function) by reference, as module + name? (A
+    function or class it pickles by value does not need its module on the other side.)"""
+    check = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+    try:
+        return True if check is None else bool(check(obj))
+    except Exception:
+        return True
+
+
+class _ModuleTracker(cloudpickle.Pickler):
+    """cloudpickle's pickler, noting the modules the pickle will need to load: those of every
+    module, class and function pickled by reference, and those imported inside functions (whose
+    code travels by value; a by-reference function's module is noted anyway)."""
+
+    def __init__(self, file, protocol: int) -> None:
+        super().__init__(file, protocol=protocol)
+        self.modules: set[str] = set()
+        self._scanned: set[int] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        try:
+            if isinstance(obj, types.ModuleType):
+                self.modules.add(obj.__name__)
+            elif isinstance(obj, type | types.FunctionType | types.BuiltinFunctionType):
+                module = getattr(obj, "__module__", None)
+                if isinstance(module, str) and _by_reference(obj):
+                    self.modules.add(module)
+                if isinstance(obj, types.FunctionType):
+                    self._scan(obj.__code__)
+        except Exception as exc:  # noting modules must never break pickling
+            log.debug("module tracking skipped %s: %s", type(obj).__name__, exc)
+        return super().reducer_override(obj)
+
+    def _scan(self, code: types.CodeType) -> None:
+        """Absolute ``import`` statements in ``code`` and the code nested in it."""
+        if id(code) in self._scanned:
+            return
+        self._scanned.add(id(code))
+        consts: list = []
+        for instruction in dis.get_instructions(code):
+            if instruction.opname == "LOAD_CONST":
+                consts.append(instruction.argval)
+            elif instruction.opname == "IMPORT_NAME":
+                level = consts[-2] if len(consts) >= 2 else 0
+                if level == 0 and isinstance(instruction.argval, str):
+                    self.modules.add(instruction.argval)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                self._scan(const)
+
+
+def dumps_tracking(obj: Any) -> tuple[bytes, set[str]]:
+    """Like :func:`dumps`, and the names of the modules unpickling it will import (see
+    :class:`_ModuleTracker`; doredis ships the user's project modules among them)."""
+    with io.BytesIO() as file:
+        pickler = _ModuleTracker(file, pickle.HIGHEST_PROTOCOL)
+        pickler.dump(obj)
+        return seal(file.getvalue()), pickler.modules
 
 
 def loads(blob: bytes, what: str = "payload") -> Any:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import redis
 from rq import Queue, Worker
 
-from . import protocol
+from . import protocol, versions
 from .protocol import RunKeys
 from .serialization import RQSerializer
 
@@ -21,6 +21,7 @@ class WorkerInfo:
     tasks: int
     failures: int
     working_on: str = ""  # "run <id> chunk <n>" while busy with a doredis chunk
+    versions: dict[str, str] | None = None  # python, cloudpickle, doredis (None: not registered)
 
 
 @dataclass
@@ -84,6 +85,8 @@ def queue_status(conn: redis.Redis, queue: str) -> QueueStatus:
     for w in Worker.all(connection=conn, queue=q):
         stats = {k.decode(): int(v) for k, v in conn.hgetall(protocol.worker_stats_key(w.name)).items()}
         current = protocol.parse_job_id(w.get_current_job_id() or "")
+        registered = conn.hmget(w.key, [protocol.worker_version_field(n) for n in versions.NAMES])
+        found = {n: v.decode() for n, v in zip(versions.NAMES, registered, strict=True) if v is not None}
         workers.append(
             WorkerInfo(
                 w.name,
@@ -92,6 +95,7 @@ def queue_status(conn: redis.Redis, queue: str) -> QueueStatus:
                 stats.get("tasks", 0),
                 stats.get("failures", 0),
                 f"run {current[0]} chunk {current[1]}" if current else "",
+                found or None,
             )
         )
     return QueueStatus(
@@ -114,6 +118,7 @@ def format_status(status: QueueStatus) -> str:
         lines.append("  none connected: queued tasks wait until a worker starts")
     for w in status.workers:
         line = f"  {w.name:<32} {w.state:<10} chunks={w.chunks} tasks={w.tasks} failures={w.failures}"
+        line += f"  [{versions.describe(w.versions) if w.versions else 'versions not registered'}]"
         lines.append(f"{line}  ({w.working_on})" if w.working_on else line)
     return "\n".join(lines)
 

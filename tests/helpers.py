@@ -46,9 +46,14 @@ class WorkerPool:
         self.conn = client_for(redis_url)  # any URL doredis takes: sentinel, TLS, ...
 
     def start(
-        self, n: int = 1, *extra: str, env: dict[str, str] | None = None, wait: bool = True
+        self,
+        n: int = 1,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        cwd: str | Path | None = None,
     ) -> list[subprocess.Popen]:
-        """Start ``n`` workers; by default wait until they are registered with rq."""
+        """Start ``n`` workers (in directory ``cwd``); by default wait until they are registered."""
         before = worker_count(self.conn, self.queue) if wait else 0
         started = []
         for _ in range(n):
@@ -73,6 +78,7 @@ class WorkerPool:
                 stderr=subprocess.STDOUT,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
+                cwd=cwd,
             )
             process.log_path = log.name  # type: ignore[attr-defined]
             self.processes.append(process)

@@ -59,6 +59,7 @@ def submit(
     backend: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_reuse: bool = False,
+    ship: Iterable | bool | None = None,
 ) -> Run | SerialRun | StoredRun:
     """Submit ``fn`` over ``items`` and return at once with a :class:`Run` (``id``, ``progress()``,
     ``results()``, ``cancel()``); the options are those of :func:`parallel_foreach`."""
@@ -73,6 +74,7 @@ def submit(
         ordered=ordered,
         progress=progress,
         queue=queue,
+        ship=ship,
     )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'redis' (the default) or 'serial', got {backend!r}")
@@ -112,7 +114,9 @@ def parallel_foreach(items: Iterable, fn: Callable[[Any], Any], **options: Any) 
     everything here, for debugging), ``checkpoint`` (a file path: every result is written there as
     it arrives, and calling again with the same file submits only the items whose results are
     not in it; see the README's "Resumable runs"), ``checkpoint_reuse`` (True: resume although
-    the function, reduce or seed changed).
+    the function, reduce or seed changed), ``ship`` (modules or module names to ship to the
+    workers with the run, besides the project modules found automatically; False: ship nothing;
+    see :mod:`doredis.shipping`).
     """
     return submit(items, fn, **options).results()
 

@@ -156,7 +156,7 @@ class Executor(_Executor):
     and ``as_completed()``; ``shutdown(wait=True)`` waits for every running future and every
     unfinished ``map``; ``shutdown(cancel_futures=True)`` cancels only the futures no worker has
     started; a failed task raises its own exception (a :class:`doredis.TaskError` when that
-    could not travel).
+    could not travel). ``ship``: as for :func:`doredis.parallel_foreach`.
     """
 
     def __init__(
@@ -166,7 +166,10 @@ class Executor(_Executor):
         *,
         timeout: float | None = None,
         retries: int = 0,
+        ship: Iterable | bool | None = None,
     ) -> None:
+        self._ship = ship
+        validate(_call, ship=ship)  # a bad ship option is reported here, not at the first submit
         self._conn = _connect(redis)
         self._queue = queue
         self._timeout = timeout
@@ -194,6 +197,7 @@ class Executor(_Executor):
             timeout=self._timeout,
             progress=False,
             queue=self._queue,
+            ship=self._ship,
         )
 
     # -- the caller's side ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import shipping
 from ..protocol import DEFAULT_QUEUE, RunSpec
 
 ERROR_MODES = ("raise", "skip", "return")
@@ -22,6 +23,8 @@ class RunOptions:
     ordered: bool = True
     progress: bool | None = None
     queue: str = DEFAULT_QUEUE
+    #: modules to ship besides those found automatically; False: ship nothing (see doredis.shipping)
+    ship: Any = None
 
     def spec(self, fn: Callable) -> RunSpec:
         return RunSpec(fn, self.reduce, self.seed, self.timeout, self.retries, self.errors == "raise")
@@ -58,4 +61,7 @@ def validate(fn: Any, **kwargs: Any) -> RunOptions:
         )
     if not isinstance(opts.queue, str) or not opts.queue or any(c.isspace() for c in opts.queue):
         raise ValueError(f"queue must be a non-empty name without spaces, got {opts.queue!r}")
+    shipping.validate(opts.ship)
+    if opts.ship is not None and not isinstance(opts.ship, bool):
+        opts = RunOptions(**{**kwargs, "ship": tuple(opts.ship)})  # frozen: a list the caller keeps
     return opts

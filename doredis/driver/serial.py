@@ -30,7 +30,7 @@ class SerialRun:
 
         self.id = "serial"
         self.options = options
-        self._spec = serialization.loads(pickle_spec(fn, options))
+        self._spec = serialization.loads(pickle_spec(fn, options)[0])
         self._pickle_items = pickle_items
         self._items = items
         self._done = self._failed = 0

@@ -63,11 +63,20 @@ class RunSource:
     Thread-safe: a background submitter adds chunks while the gathering thread forgets them.
     """
 
-    def __init__(self, run_id: str, queue: str, spec_blob: bytes, meta: dict, window: int) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        queue: str,
+        spec_blob: bytes,
+        meta: dict,
+        window: int,
+        code_blob: bytes | None = None,
+    ) -> None:
         self.run_id = run_id
         self.keys = RunKeys(run_id)
         self.queue = queue
         self.spec_blob = spec_blob
+        self.code_blob = code_blob  # the sealed zip of the code the run ships, if any
         self.meta = meta
         self.window = window
         self._unfinished: dict[int, tuple[int, int, bytes]] = {}  # chunk -> (start, count, items)
@@ -130,6 +139,8 @@ class RunSource:
         pipe.hset(self.keys.meta, mapping={**self.meta, "state": state, **fields})
         pipe.expire(self.keys.meta, ttl)
         pipe.set(self.keys.spec, self.spec_blob, ex=ttl)
+        if self.code_blob is not None:
+            pipe.set(self.keys.code, self.code_blob, ex=ttl)
         pipe.zadd(protocol.runs_key(self.queue), {self.run_id: float(self.meta["created"])})
 
     def enqueue(self, pipe, queue: Queue, chunk_nos: list[int]) -> None:
@@ -158,5 +169,7 @@ class RunSource:
                 self.write_run(pipe, state, **sizes, **fields, streamed=int(self.streaming))
             else:
                 pipe.set(self.keys.spec, self.spec_blob, ex=protocol.run_ttl(), nx=True)
+                if self.code_blob is not None:
+                    pipe.set(self.keys.code, self.code_blob, ex=protocol.run_ttl(), nx=True)
             self.enqueue(pipe, queue, chunk_nos)
             pipe.execute()

@@ -3,6 +3,7 @@ submission window (:mod:`doredis.driver.source`)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 import redis
 from rq import Queue
 
-from .. import connection, outage, protocol, serialization
+from .. import connection, outage, protocol, serialization, shipping, versions
 from ..outage import Outage
 from ..protocol import RunKeys
 from ..serialization import RQSerializer
@@ -29,10 +30,11 @@ log = logging.getLogger("doredis.driver")
 _MAX_BATCH = 64
 
 
-def pickle_spec(fn: Callable, options: RunOptions) -> bytes:
-    """The run's spec, sealed; a TypeError naming the function (or reduce) if it cannot be pickled."""
+def pickle_spec(fn: Callable, options: RunOptions) -> tuple[bytes, set[str]]:
+    """The run's spec, sealed, and the modules unpickling it imports; a TypeError naming the
+    function (or reduce) if it cannot be pickled."""
     try:
-        return serialization.dumps(options.spec(fn))
+        return serialization.dumps_tracking(options.spec(fn))
     except Exception as exc:
         for role, obj in (("the function", fn), ("the reduce function", options.reduce)):
             if obj is None:
@@ -42,6 +44,22 @@ def pickle_spec(fn: Callable, options: RunOptions) -> bytes:
             except Exception as inner:
                 raise serialization.pickling_error(obj, role, inner) from inner
         raise serialization.pickling_error(fn, "the run's function", exc) from exc
+
+
+def code_to_ship(
+    options: RunOptions, referenced: set[str], first_chunk: list | None
+) -> tuple[shipping.Bundle | None, bytes | None]:
+    """The project code the run ships (see :mod:`doredis.shipping`): what the function needs, and
+    what the first chunk's items need (an Executor's calls travel as items); and the first
+    chunk's sealed items when pickling them found their modules (so they are pickled once)."""
+    first_blob = None
+    if shipping.auto_enabled(options.ship) and first_chunk:
+        try:
+            first_blob, modules = serialization.dumps_tracking(first_chunk)
+            referenced = referenced | modules
+        except Exception:  # an unpicklable item: reported, by name, when the chunk is pickled
+            pass
+    return shipping.bundle(options.ship, referenced), first_blob
 
 
 def pickle_items(items: list, start: int) -> bytes:
@@ -68,25 +86,41 @@ def submit_run(
     consumes results (see :mod:`doredis.driver.source`). With a ``checkpoint``, only the items
     without a stored result are submitted (see :mod:`doredis.driver.resume`).
     """
-    spec_blob = pickle_spec(fn, options)
+    spec_blob, referenced = pickle_spec(fn, options)
     run_id = protocol.new_run_id()
     redis_outage = Outage(connection.describe(conn), log, outage.tolerance())
     workers = redis_outage.call(connected_workers, conn, options.queue)
+    chunks = (
+        checkpoint.chunks(options.chunk_size, workers)
+        if checkpoint is not None
+        else iter_chunks(items, options.chunk_size, workers)
+    )
+    first = next(chunks, None)
+    code, first_blob = code_to_ship(options, referenced, first)
+    meta = {
+        "queue": options.queue,
+        "created": time.time(),
+        "errors": options.errors,
+        "ordered": int(options.ordered),
+        "reduce": int(options.reduce is not None),
+        "driver": f"{socket.gethostname()}:{os.getpid()}",
+        **{protocol.version_field(name): value for name, value in versions.local_versions().items()},
+        **({protocol.META_RESUMED: checkpoint.resumed} if checkpoint else {}),
+    }
+    if code is not None:
+        meta[protocol.META_CODE] = code.sha
+        meta[protocol.META_MODULES] = ",".join(code.modules)
+        log.info("run %s ships %s (%d bytes)", run_id, ", ".join(code.modules), len(code.blob))
     source = RunSource(
         run_id,
         options.queue,
         spec_blob,
-        {
-            "queue": options.queue,
-            "created": time.time(),
-            "errors": options.errors,
-            "ordered": int(options.ordered),
-            "reduce": int(options.reduce is not None),
-            "driver": f"{socket.gethostname()}:{os.getpid()}",
-            **({protocol.META_RESUMED: checkpoint.resumed} if checkpoint else {}),
-        },
+        meta,
         window_size(workers),
+        code_blob=serialization.seal(code.blob) if code is not None else None,
     )
+    if first is not None:
+        chunks = itertools.chain([first], chunks)
 
     def store_run() -> None:
         with conn.pipeline() as pipe:
@@ -95,12 +129,7 @@ def submit_run(
 
     redis_outage.call(store_run)
     redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
-    chunks = (
-        checkpoint.chunks(options.chunk_size, workers)
-        if checkpoint is not None
-        else iter_chunks(items, options.chunk_size, workers)
-    )
-    submitter = _Submitter(conn, source, chunks, redis_outage)
+    submitter = _Submitter(conn, source, chunks, redis_outage, first_blob)
     try:
         submitter.submit(limit=source.window)
         if submitter.exhausted:
@@ -135,7 +164,15 @@ def submit_run(
 class _Submitter:
     """Pickles chunks and enqueues them in growing batches (one round trip each), within the window."""
 
-    def __init__(self, conn: redis.Redis, source: RunSource, chunks: Iterator[list], redis_outage: Outage):
+    def __init__(
+        self,
+        conn: redis.Redis,
+        source: RunSource,
+        chunks: Iterator[list],
+        redis_outage: Outage,
+        first_blob: bytes | None = None,
+    ):
+        self._first_blob = first_blob  # the first chunk's items, pickled already
         self.conn = conn
         self.source = source
         self.queue = Queue(source.queue, connection=conn, serializer=RQSerializer)
@@ -174,7 +211,11 @@ class _Submitter:
             if chunk is None:
                 break
             start = getattr(chunk, "start", self.total)  # a resumed run's chunks keep their indices
-            self.source.add(self.chunk_no, start, len(chunk), pickle_items(chunk, start))
+            if self.chunk_no == 0 and self._first_blob is not None:
+                blob, self._first_blob = self._first_blob, None
+            else:
+                blob = pickle_items(chunk, start)
+            self.source.add(self.chunk_no, start, len(chunk), blob)
             batch.append(self.chunk_no)
             self.total += len(chunk)
             self.chunk_no += 1

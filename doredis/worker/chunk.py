@@ -3,19 +3,39 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import redis
-from rq import Retry, get_current_job
+from rq import Retry, get_current_job, worker_registration
 
-from .. import outage, protocol, serialization, taskrun
+from .. import outage, protocol, serialization, taskrun, versions
 from ..protocol import ERROR, ChunkPart, ChunkResult, RunKeys, RunSpec, TaskFailure
-from . import metrics, state
+from . import code, metrics, state
 
 log = logging.getLogger("doredis.worker")
 
-_SPEC_CACHE: OrderedDict[str, RunSpec] = OrderedDict()
+
+@dataclass
+class _Loaded:
+    """A run's function and the code it ships, as loaded on this worker."""
+
+    spec: RunSpec
+    code: str | None  # sha256 of the shipped code, None when it ships none
+    modules: tuple[str, ...]  # the top-level modules it ships
+
+
+class _Skew(Exception):
+    """The run's driver has other versions than this worker (see :mod:`doredis.versions`)."""
+
+    def __init__(self, driver: dict[str, str]) -> None:
+        super().__init__(driver)
+        self.driver = driver
+
+
+_SPEC_CACHE: OrderedDict[str, _Loaded] = OrderedDict()
 _SPEC_CACHE_SIZE = 8
 
 
@@ -45,22 +65,29 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
         return None
 
     items = None
+    shipped: tuple[str, ...] = ()
     try:
+        loaded = _load_run(conn, keys, retrying)  # checks versions, makes the run's code current
+        if loaded is None:
+            log.info("run %s has no spec (expired or purged); chunk %d dropped", run_id, chunk_no)
+            return None
+        spec, shipped = loaded.spec, loaded.modules
         items = serialization.loads(found.items, f"chunk {chunk_no} of run {run_id}")
-        spec = retrying(_load_spec, conn, keys)
         done = _Parts.read(conn, keys, chunk_no, start, found.parts, retrying)
+    except _Skew as skew:
+        return _skewed(conn, keys, job, chunk_no, start, worker, skew.driver, retrying)
     except serialization.SignatureError:
         # Refused: a result sealed with this worker's secret could not be read by that driver
         # either. rq records the chunk failed, in plain text both can read.
         raise
     except Exception as exc:  # a missing module: every task of the chunk fails
+        exc = code.missing_module_hint(exc, shipped)
         log.error("chunk %d of run %s cannot be loaded: %s: %s", chunk_no, run_id, type(exc).__name__, exc)
+        if items is None:
+            items = _items_if_loadable(found.items)
         failed = _whole_chunk_failed(chunk_no, start, job, worker, exc, items)
         retrying(_publish, conn, keys, failed, worker)
         metrics.tasks(0, failed.count)
-        return None
-    if spec is None:
-        log.info("run %s has no spec (expired or purged); chunk %d dropped", run_id, chunk_no)
         return None
     done.items, done.fn = items, spec.fn  # to name a task whose value does not pickle
 
@@ -99,6 +126,7 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
         if on_task_start is not None:  # a cold shutdown, not a crash: the task in hand did not kill us
             retrying(conn.hdel, keys.cursor, chunk_no)
         raise
+    _hint_missing_modules(result, shipped)
     whole = done.merged(result)
     if result.interrupted:
         back = _hand_back(conn, keys, whole, done, retrying)
@@ -271,19 +299,142 @@ class _Parts:
         )
 
 
-def _load_spec(conn: redis.Redis, keys: RunKeys) -> RunSpec | None:
-    spec = _SPEC_CACHE.get(keys.run_id)
-    if spec is not None:
+_RUN_FIELDS = [
+    protocol.META_CODE,
+    protocol.META_MODULES,
+    *(protocol.version_field(name) for name in versions.NAMES),
+]
+
+
+def _read_run(conn: redis.Redis, keys: RunKeys) -> tuple[list, bytes | None]:
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.meta, _RUN_FIELDS)
+        pipe.get(keys.spec)
+        fields, blob = pipe.execute()
+    return fields, blob
+
+
+def _load_run(conn: redis.Redis, keys: RunKeys, retrying) -> _Loaded | None:
+    """The run's function, with its shipped code current (None when the run is gone). Raises
+    :class:`_Skew` before unpickling anything when the driver's versions differ from ours.
+
+    Only the Redis reads are retried through an outage: an OSError of the code cache or of a
+    module being imported is the chunk's failure, not Redis's.
+    """
+    loaded = _SPEC_CACHE.get(keys.run_id)
+    if loaded is not None:
         _SPEC_CACHE.move_to_end(keys.run_id)
-        return spec
-    blob = conn.get(keys.spec)
+        code.activate(loaded.code, loaded.modules)
+        return loaded
+    fields, blob = retrying(_read_run, conn, keys)
     if blob is None:
         return None
-    spec = serialization.loads(blob, f"the function of run {keys.run_id}")
-    _SPEC_CACHE[keys.run_id] = spec
+    sha, modules, *driver = (value.decode() if value is not None else None for value in fields)
+    driver_versions = {name: v for name, v in zip(versions.NAMES, driver, strict=True) if v}
+    if versions.differing(driver_versions, _my_versions()):
+        raise _Skew(driver_versions)
+    shipped = tuple(filter(None, (modules or "").split(",")))
+    if sha:
+        if not code.have(sha):
+            zipped = retrying(conn.get, keys.code)
+            if zipped is None:
+                return None
+            code.install(sha, serialization.unseal(zipped, f"the code shipped with run {keys.run_id}"))
+        code.activate(sha, shipped)
+    else:
+        code.activate(None)
+    try:
+        spec = serialization.loads(blob, f"the function of run {keys.run_id}")
+    except ModuleNotFoundError as exc:
+        raise code.missing_module_hint(exc, shipped) from exc
+    loaded = _Loaded(spec, sha or None, shipped)
+    _SPEC_CACHE[keys.run_id] = loaded
     while len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
         _SPEC_CACHE.popitem(last=False)
-    return spec
+    return loaded
+
+
+_versions: dict[str, str] | None = None
+
+
+def _my_versions() -> dict[str, str]:
+    global _versions
+    if _versions is None:
+        _versions = versions.local_versions()
+    return _versions
+
+
+def _hint_missing_modules(result: ChunkResult, shipped: tuple[str, ...]) -> None:
+    """A task that failed on a module this worker lacks says how to ship it (its exception stays
+    the task's own: only the report's message grows)."""
+    for failure in result.failures.values():
+        if failure.exc_type != "ModuleNotFoundError":
+            continue
+        match = re.match(r"No module named '([^']+)'$", failure.message)
+        if match:
+            hinted = code.missing_module_hint(ModuleNotFoundError(failure.message, name=match[1]), shipped)
+            failure.message = str(hinted)
+
+
+def _items_if_loadable(blob: bytes | None):
+    """A chunk's items, to name its tasks in a failure report, or None when they do not load."""
+    try:
+        return serialization.loads(blob) if blob is not None else None
+    except Exception:
+        return None
+
+
+def _skewed(
+    conn: redis.Redis, keys: RunKeys, job, chunk_no: int, start: int, worker: str, driver: dict, retrying
+) -> Retry | None:
+    """This worker's versions differ from the run's driver's: hand the chunk back while a worker
+    whose versions match is connected to the queue; without one, fail the chunk's tasks with an
+    error that names both sides' versions."""
+    mine = _my_versions()
+    match = retrying(_matching_worker, conn, job.origin, driver)
+    if match is not None:
+        log.warning(
+            "run %s was submitted with %s, this worker has %s: chunk %d handed back for a matching "
+            "worker (%s)",
+            keys.run_id,
+            versions.describe(driver),
+            versions.describe(mine),
+            chunk_no,
+            match,
+        )
+        time.sleep(protocol.SKEW_BACKOFF)  # let a matching worker take it rather than spin on it
+        return Retry(max=protocol.HANDBACK_LIMIT)
+    message = versions.skew_message(keys.run_id, driver, mine, worker)
+    log.error("chunk %d: %s; no connected worker matches, so its tasks fail", chunk_no, message)
+    failed = _whole_chunk_failed(chunk_no, start, job, worker, versions.VersionMismatch(message), None)
+    retrying(_publish, conn, keys, failed, worker)
+    return None
+
+
+def _matching_worker(conn: redis.Redis, queue: str, driver: dict[str, str]) -> str | None:
+    """The name of a live worker on ``queue`` (not this one) whose versions all match ``driver``'s."""
+    me = state.worker_name()
+    names = [name for name in versions.NAMES if driver.get(name)]
+    fields = [protocol.worker_version_field(name) for name in names]
+    worker_keys = sorted(
+        k.decode() if isinstance(k, bytes) else k
+        for k in conn.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % queue)
+    )
+    if not worker_keys or not fields:
+        return None
+    with conn.pipeline(transaction=False) as pipe:
+        for key in worker_keys:
+            pipe.hmget(key, fields)
+        replies = pipe.execute()
+    prefix = "rq:worker:"
+    for key, values in zip(worker_keys, replies, strict=True):
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name == me:
+            continue
+        theirs = [v.decode() if v is not None else None for v in values]
+        if all(t == driver[n] for n, t in zip(names, theirs, strict=True)):
+            return name
+    return None
 
 
 def _lost_tasks(

@@ -12,7 +12,7 @@ from rq import Worker, worker_registration
 
 from .. import connection, serverinfo
 from ..protocol import DEFAULT_QUEUE
-from . import metrics, preload, state, threads
+from . import code, metrics, preload, state, threads
 from .rqworker import DoredisWorker, ForkingDoredisWorker
 
 log = logging.getLogger("doredis.worker")
@@ -69,6 +69,7 @@ def run_worker(
         log.warning(unsigned)
     if preload_target:
         preload.run_preload(preload_target)
+        code.pin_loaded()  # what the preload hook imported keeps its state: runs never swap it out
     worker_class = ForkingDoredisWorker if fork else DoredisWorker
     log.info(
         "worker %s on %s, queue %r (%s)",

@@ -22,7 +22,7 @@ from rq.exceptions import DeserializationError
 from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, Worker
 
-from .. import outage, protocol, recovery, serverinfo, taskrun
+from .. import outage, protocol, recovery, serverinfo, taskrun, versions
 from ..serialization import RQSerializer
 from . import guard, metrics, state
 
@@ -59,6 +59,13 @@ class _DoredisMixin:
     def _after_fork_in_child(self) -> None:
         # A lock held by the heartbeat thread at fork time would stay held forever in the child.
         self._beat_lock = threading.Lock()
+
+    def serialize(self) -> dict:
+        """rq's worker hash, plus this worker's versions (``doredis status``, version skew)."""
+        data = super().serialize()
+        for name, value in versions.local_versions().items():
+            data[protocol.worker_version_field(name)] = value
+        return data
 
     # -- heartbeats ------------------------------------------------------------------------
     def heartbeat(self, timeout: int | None = None, pipeline=None):

@@ -8,6 +8,9 @@ Each task also records itself in Redis (``<prefix>:exec`` hash: task index -> ex
 ``<prefix>:hosts`` set: hostnames that ran a task), so that compose.sh can follow the run's
 progress from outside and scale while it is in progress. That bookkeeping uses the same
 DOREDIS_REDIS_URL the workers have.
+
+The task calls a function of ``e2e_shipped``, a module next to this script that the image does not
+contain: doredis ships it with the run (README: "Your own modules on the cluster").
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import os
 import socket
 import sys
 import time
+
+import e2e_shipped  # next to this script only: the image lacks it, doredis ships it with the run
 
 import doredis
 
@@ -59,7 +64,7 @@ def task(i: int, seconds: float = TASK_SECONDS, prefix: str = PREFIX):
                 raise
             time.sleep(0.2 * (attempt + 1))
     time.sleep(seconds)
-    return (i, host, os.getpid())
+    return (e2e_shipped.identity(i), host, os.getpid())
 
 
 def main() -> int:

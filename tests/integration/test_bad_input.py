@@ -70,13 +70,17 @@ def test_task_needing_a_module_the_worker_lacks(redis_url, queue, workers, tmp_p
     module = __import__(name)
     assert module.triple(2) == 6
 
+    # Shipped with the run (a project module: see test_shipping.py), it works; not shipped, it
+    # fails on the worker with an error that names it and says how to ship it.
+    shipped = parallel_foreach(range(3), module.triple, redis=redis_url, queue=queue, progress=False)
+    assert shipped == [0, 3, 6]
     with pytest.raises(TaskError) as info:
-        parallel_foreach(range(3), module.triple, redis=redis_url, queue=queue, progress=False)
+        parallel_foreach(range(3), module.triple, redis=redis_url, queue=queue, progress=False, ship=False)
     err = info.value
     assert err.exc_type == "ModuleNotFoundError"
-    assert name in err.message
+    assert name in err.message and f"ship=[{name!r}]" in err.message and f"DOREDIS_SHIP={name}" in err.message
     got = parallel_foreach(range(3), module.triple, redis=redis_url, queue=queue, progress=False,
-                           errors="return")
+                           errors="return", ship=False)
     assert all(isinstance(e, TaskError) and name in str(e) for e in got)
     assert [(e.index, e.item) for e in got] == [(0, "0"), (1, "1"), (2, "2")], "each error names its task"
     # The same worker still runs tasks it can load.

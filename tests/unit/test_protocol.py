@@ -17,7 +17,7 @@ fakeredis = pytest.importorskip("fakeredis")
 def test_run_keys_are_distinct_prefixed_and_embed_the_run_id():
     run_id = protocol.new_run_id()
     keys = RunKeys(run_id).all()
-    assert len(keys) == len(set(keys)) == 9
+    assert len(keys) == len(set(keys)) == 10
     for key in keys:
         assert key.startswith(f"{protocol.PREFIX}:run:{run_id}:")
     other = RunKeys(protocol.new_run_id()).all()
