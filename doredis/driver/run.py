@@ -28,6 +28,9 @@ WAIT_SLICE = 1.0
 #: While results keep arriving, the run's health is still checked this often (a failover can
 #: lose a few chunks while the others go on).
 HEALTH_INTERVAL = 10.0
+#: How often the gather loop looks for a cancel by another process while results keep arriving
+#: (a blocked wait for results looks at least once per WAIT_SLICE).
+CANCEL_CHECK_INTERVAL = 0.25
 _BATCH = 256
 #: Chunks checked per round trip by the health check.
 _CHECK_BATCH = 1000
@@ -256,14 +259,17 @@ class Run:
         stored = [int(c) for c in self._redis(self.conn.hkeys, self.keys.results)]
         yield from self._fetch(stored, seen)
         last_check = time.monotonic()
+        last_cancel_check = float("-inf")
         while True:
             chunks = self._chunks()
             if chunks is not None and len(seen) >= chunks:
                 return
             if self.source is not None and self.source.error is not None:
                 raise self.source.error  # the background submission failed (an unpicklable item, ...)
-            if self._redis(self.conn.exists, self.keys.cancel):
-                raise RunCancelled(f"run {self.id} was cancelled")
+            if time.monotonic() - last_cancel_check >= CANCEL_CHECK_INTERVAL:
+                last_cancel_check = time.monotonic()  # a command per wake-up is a third of the driver's
+                if self._redis(self.conn.exists, self.keys.cancel):
+                    raise RunCancelled(f"run {self.id} was cancelled")
             wait = WAIT_SLICE
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())

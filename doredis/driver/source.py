@@ -19,6 +19,8 @@ import threading
 
 import redis
 from rq import Queue, Retry
+from rq.job import JobStatus
+from rq.utils import now as utcnow
 
 from .. import protocol
 from ..protocol import RunKeys
@@ -55,6 +57,38 @@ def job_data(run_id: str, chunk_no: int, start: int, count: int):
         meta={"start": start, "count": count},
         retry=Retry(max=protocol.CHUNK_REDELIVERIES),
     )
+
+
+def enqueue_jobs(pipe, queue: Queue, datas: list) -> None:
+    """Queue the commands that enqueue these rq jobs on ``pipe``: what ``Queue.enqueue_many``
+    stores for a job without dependencies (its hash, made by rq, with its TTL; its id on the
+    queue list), in two commands per job and one RPUSH for all, where rq spends six per job."""
+    if not datas:
+        return
+    enqueued_at = utcnow()
+    ids = []
+    for data in datas:
+        job = queue.create_job(
+            data.func,
+            args=data.args,
+            kwargs=data.kwargs,
+            timeout=data.timeout,
+            result_ttl=data.result_ttl,
+            ttl=data.ttl,
+            failure_ttl=data.failure_ttl,
+            description=data.description,
+            job_id=data.job_id,
+            meta=data.meta,
+            status=JobStatus.QUEUED,
+            retry=data.retry,
+        )
+        job.enqueued_at = enqueued_at
+        pipe.hset(job.key, mapping=job.to_dict())
+        if job.ttl:
+            pipe.expire(job.key, job.ttl)
+        ids.append(job.id)
+    pipe.sadd(queue.redis_queues_keys, queue.key)
+    pipe.rpush(queue.key, *ids)
 
 
 class RunSource:
@@ -140,7 +174,7 @@ class RunSource:
         if blobs:
             pipe.hset(self.keys.items, mapping=blobs)
             pipe.expire(self.keys.items, protocol.run_ttl())
-            queue.enqueue_many(jobs, pipeline=pipe)
+            enqueue_jobs(pipe, queue, jobs)
 
     def restore(
         self, conn: redis.Redis, chunk_nos: list[int], *, whole_run: bool, done: int, failed: int
