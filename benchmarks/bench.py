@@ -241,6 +241,25 @@ class Cluster:
         info = self.conn.info("cpu")
         return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
+    def cpu_of(self, fn: Callable[[], object], procs: list[subprocess.Popen]) -> float:
+        """CPU seconds that ``fn`` costs this process, ``procs`` and Redis together (less
+        sensitive to a busy machine than wall time)."""
+        def total() -> float:
+            return time.process_time() + self.cpu() + sum(_process_cpu(p.pid) for p in procs)
+
+        before = total()
+        fn()
+        return total() - before
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 class TurnCounter:
     """A TCP proxy on loopback in front of Redis that records, per client connection, each burst
@@ -381,8 +400,7 @@ class Bench:
         self.unix = Cluster(tcp=False, logs=self.logs)
         self.clusters = {"tcp": self.tcp, "unix": self.unix}
         self.queue = "bench"
-        for cluster in self.clusters.values():  # up before anything is timed
-            cluster.doredis_workers(self.queue, 2)
+        self.workers = {name: c.doredis_workers(self.queue, 2) for name, c in self.clusters.items()}
         self.clients = {name: redis.Redis.from_url(c.url) for name, c in self.clusters.items()}
         # The pool's processes are forked from here: give them back the default SIGTERM action (main()
         # installs a handler), or Pool.terminate() can leave one blocked forever on the task queue's lock.
@@ -426,6 +444,13 @@ class Bench:
     def commands_cell(self, items, fn, **options) -> str:
         commands, chunks, tasks = self.counted("tcp", items, fn, **options)
         return f"{commands / chunks:.1f}/chunk, {commands / tasks:.2f}/task ({chunks:,} chunks)"
+
+    def cpu_cell(self, items, fn, per: float, unit: str, rounds: int = 3) -> str:
+        """Median CPU seconds of a run over TCP (driver + both workers + Redis), per ``per`` ``unit``."""
+        cpu = statistics.median(
+            self.tcp.cpu_of(lambda: self.gather("tcp", items, fn), self.workers["tcp"]) for _ in range(rounds)
+        )
+        return f"; CPU {cpu / per * 1e3:.2f} ms/{unit}"
 
     def peers_cell(self, seconds: dict[str, float], fmt: Callable[[float], str]) -> str:
         cells = []
@@ -492,6 +517,7 @@ class Bench:
             lambda: self.pool.map(self.tasks.noop, items),
         ))
         row.tcp, row.unix = f"{med['tcp'] * 1e3:.1f} ms", f"{med['unix'] * 1e3:.1f} ms"
+        row.tcp += self.cpu_cell(items, self.tasks.noop, 1, "run", rounds=7)
         row.peers = self.peers_cell(med, lambda s: f"{s * 1e3:.1f} ms")
         row.commands = self.commands_cell(items, self.tasks.noop)
         row.result = verdict(med["tcp"] <= 0.015, f"{med['tcp'] * 1e3:.1f} ms")
@@ -514,6 +540,7 @@ class Bench:
         ))
         rate = {name: n / seconds for name, seconds in med.items()}
         row.tcp, row.unix = f"{rate['tcp']:,.0f} MiB/s", f"{rate['unix']:,.0f} MiB/s"
+        row.tcp += self.cpu_cell(items, self.tasks.mebibyte, n, "MiB")
         row.peers = self.peers_cell(rate, lambda r: f"{r:,.0f} MiB/s")
         row.commands = self.commands_cell(items, self.tasks.mebibyte)
         row.result = verdict(rate["tcp"] >= 400, f"{rate['tcp']:,.0f} MiB/s")
@@ -534,6 +561,7 @@ class Bench:
         rate = {name: n / seconds for name, seconds in med.items()}
         fmt = lambda r: f"{r / 1e6:.2f} M/s" if r >= 1e6 else f"{r / 1e3:,.0f} k/s"  # noqa: E731
         row.tcp, row.unix = fmt(rate["tcp"]), fmt(rate["unix"])
+        row.tcp += self.cpu_cell(items, self.tasks.noop, n / 1000, "1,000 tasks")
         row.peers = self.peers_cell(rate, fmt)
         row.commands = self.commands_cell(items, self.tasks.noop)
         ratio = rate["tcp"] / rate["pool"]

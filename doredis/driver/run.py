@@ -179,7 +179,10 @@ class Run:
     def _iterate(self, collector: Collector, deadline: float | None = None) -> Iterator[list[Any]]:
         """Lists of task values, as they become ready."""
         bar = self._bar = ProgressBar(wanted(self.options.progress), None, self.id)  # shows outages too
-        bar.set_total(self._redis(self.progress)[2])
+        if self.source is not None:  # the submitting driver knows (no round trip)
+            bar.set_total(self.source.total if self.source.finished else None)
+        else:
+            bar.set_total(self._redis(self.progress)[2])
         finished = False
         try:
             for result in self._chunk_results(deadline):
@@ -188,6 +191,8 @@ class Run:
                 self._failed += len(result.failures)
                 if time.monotonic() - self._last_worker_check > 1:
                     self._check_workers()
+                if self.source is not None:
+                    self.source.observed(result.count, result.elapsed)  # sizes the chunks cut next
                 ready = collector.add(result)
                 del result  # its values leave with `ready` only (bpo-14406)
                 if self.source is not None:
@@ -222,8 +227,11 @@ class Run:
         except redis.RedisError as error:
             log.warning("could not cancel run %s: %s", self.id, error)
 
+    _ended_here = False  # this Run gathered the run to its end
+
     def _finish(self, collector: Collector) -> None:
         """All results are in: free their memory in Redis, keep the summary for ``status``."""
+        self._ended_here = True
         with self.conn.pipeline() as pipe:
             pipe.delete(*self.keys.all_but(self.keys.meta))
             pipe.hset(self.keys.meta, "state", protocol.DONE)
@@ -253,11 +261,21 @@ class Run:
 
     def _chunk_results(self, deadline: float | None = None) -> Iterator[ChunkResult]:
         """Every chunk result once, as they land: first what is stored already (attach), then BLPOP."""
-        if self._redis(self.conn.hget, self.keys.meta, "state") == protocol.DONE.encode():
+        if self._ended_here or (
+            self.source is None
+            and self._redis(self.conn.hget, self.keys.meta, "state") == protocol.DONE.encode()
+        ):
             raise RuntimeError(f"run {self.id} was already gathered to the end; its results left Redis then")
         seen: set[int] = set()
-        stored = [int(c) for c in self._redis(self.conn.hkeys, self.keys.results)]
-        yield from self._fetch(stored, seen)
+        if self.source is not None:  # a fresh run: what landed so far is notified (or taken early)
+            while self.source.early:
+                chunk_no = self.source.early[0][0]
+                seen.add(chunk_no)
+                self.source.forget(chunk_no)
+                yield self._early_result(self.source.early.pop(0))  # no local keeps it (bpo-14406)
+        else:
+            stored = [int(c) for c in self._redis(self.conn.hkeys, self.keys.results)]
+            yield from self._fetch(stored, seen)
         last_check = time.monotonic()
         last_cancel_check = float("-inf")
         while True:
@@ -299,6 +317,14 @@ class Run:
             if self.source is not None:
                 self.source.forget(chunk_no)
             yield serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
+
+    def _early_result(self, early: tuple[int, bytes, ChunkResult | None]) -> ChunkResult:
+        """A result the submitter took while it waited for the probe (unpickled here if it could
+        not be there, so that its error is raised by the gather, as any result's)."""
+        chunk_no, blob, result = early
+        if result is not None:
+            return result
+        return serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
 
     def _take_results(self, chunk_nos: list[int]) -> list[bytes | None]:
         """The stored results of these chunks. A streaming run (longer than its window) frees them

@@ -113,6 +113,8 @@ class RunSource:
         self.streaming = False  # the run was longer than the window: results leave Redis once consumed
         self.error: BaseException | None = None  # what stopped a background submission
         self.stopped = threading.Event()  # the run ended early (cancelled, failed): submit no more
+        self.sizer = None  # the run's ChunkSizer (chunking.py): durations the gather measures size chunks
+        self.early: list = []  # probe chunks' results taken while submitting, for the gather
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def add(self, chunk_no: int, start: int, count: int, items_blob: bytes) -> None:
@@ -122,6 +124,11 @@ class RunSource:
     def enqueued(self, chunks: int, tasks: int) -> None:
         with self._room:
             self.submitted, self.total = chunks, tasks
+
+    def observed(self, tasks: int, seconds: float) -> None:
+        """A chunk's result arrived: its tasks took ``seconds`` on the worker."""
+        if self.sizer is not None:
+            self.sizer.observe(tasks, seconds)
 
     def forget(self, chunk_no: int) -> None:
         """The chunk's result has arrived: its items are no longer needed."""

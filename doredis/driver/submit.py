@@ -18,7 +18,7 @@ from ..outage import Outage
 from ..protocol import RunKeys
 from ..serialization import RQSerializer
 from ..status import connected_workers, prune_runs_index
-from .chunking import iter_chunks
+from .chunking import PROBE_WAIT, ChunkSizer, cut_chunks
 from .options import RunOptions
 from .run import Run, remove_queued_chunks
 from .source import RunSource, window_size
@@ -90,7 +90,8 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
 
     redis_outage.call(store_run)
     redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
-    submitter = _Submitter(conn, source, iter_chunks(items, options.chunk_size, workers), redis_outage)
+    source.sizer = ChunkSizer(None, workers, options.chunk_size)
+    submitter = _Submitter(conn, source, cut_chunks(items, source.sizer), redis_outage)
     try:
         submitter.submit(limit=source.window)
         if submitter.exhausted:
@@ -160,6 +161,10 @@ class _Submitter:
                 batch = []
                 if not self.source.wait_for_room(self.chunk_no):
                     break
+            if self.source.sizer.wants_probe_result(self.chunk_no):
+                self._flush(batch)  # the probe goes out; its measured durations size the rest
+                batch = []
+                self._await_probe()
             chunk = self._next_chunk()
             if chunk is None:
                 break
@@ -172,6 +177,33 @@ class _Submitter:
                 batch = []
                 self._flush_at = min(_MAX_BATCH, self._flush_at * 2)
         self._flush(batch)
+
+    def _await_probe(self) -> None:
+        """Wait up to PROBE_WAIT for the probe chunks' results and measure them (they are kept for
+        the gather); tasks still running by then take at least that long."""
+        sizer = self.source.sizer
+        deadline = time.monotonic() + PROBE_WAIT
+        keys = self.source.keys
+        while not sizer.measured() and (wait := deadline - time.monotonic()) > 0.001:
+            popped = self.outage.call(self.conn.blpop, [keys.notify], timeout=wait)
+            if popped is None:
+                break
+            chunk_nos = [int(popped[1])]
+            more = self.outage.call(self.conn.lpop, keys.notify, 64)
+            chunk_nos += [int(c) for c in more or ()]
+            blobs = self.outage.call(self.conn.hmget, keys.results, chunk_nos)
+            for chunk_no, blob in zip(chunk_nos, blobs, strict=True):
+                if blob is None:
+                    continue
+                try:
+                    result = serialization.loads(blob, f"result of chunk {chunk_no} of run {keys.run_id}")
+                except Exception:  # the gather unpickles it again, and raises there
+                    result = None
+                else:
+                    sizer.observe(result.count, result.elapsed)
+                self.source.early.append((chunk_no, blob, result))
+        if not sizer.measured():
+            sizer.assume_at_least(PROBE_WAIT)
 
     def _flush(self, batch: list[int]) -> None:
         if batch:

@@ -355,7 +355,7 @@ def _publish(
         stored = protocol.publish_result(
             conn, keys, result.chunk_no, serialization.dumps(small), 0, failed, parts, cursor
         )
-    stats.add(worker, result.count, failed)  # written by the heartbeat thread (worker/stats.py)
+    stats.add(worker, result.count, failed)  # written with rq's end-of-chunk bookkeeping (stats.py)
     if stored == 0:
         log.info(
             "chunk %d of run %s already had a result; this duplicate was dropped",

@@ -151,6 +151,8 @@ class _DoredisMixin:
                 execution.key, job.execution_registry.key, job.key, job.dependents_key, job.dependencies_key
             )
             self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            if not self.is_horse:  # a --fork chunk's process adds its counts as it exits
+                stats.write_totals(pipe)  # doredis's counters, with no round trip of their own
             pipe.execute()
         self.executions.pop(execution.id, None)
         self.successful_job_count += 1
@@ -189,7 +191,7 @@ class _DoredisMixin:
                 if in_hand is not None and state.drain_deadline() is not None:
                     self._drain(in_hand[0])
                 now = time.monotonic()
-                stats.flush(self.connection)
+                stats.flush_totals(self.connection)  # after a failed chunk, or an outage
                 if now - last_sweep >= protocol.SWEEP_INTERVAL:
                     last_sweep = now
                     self._stay_registered()
@@ -263,7 +265,7 @@ class _DoredisMixin:
         self._beat_stop.set()
         state.beats_stopped()
         try:
-            stats.flush(self.connection)
+            stats.flush_totals(self.connection)
         except redis.RedisError as exc:
             log.info("Worker %s: could not write its counters (%s)", self.name, exc)
         try:
@@ -326,6 +328,6 @@ class ForkingDoredisWorker(_DoredisMixin, Worker):
             return super().perform_job(job, queue, execution)
         finally:  # in the chunk's own process: its counters go before it exits
             try:
-                stats.flush(self.connection)
+                stats.flush_increments(self.connection)
             except redis.RedisError as exc:
                 log.info("Worker %s: could not write its counters (%s)", self.name, exc)

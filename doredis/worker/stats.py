@@ -1,10 +1,16 @@
-"""The worker's counters for ``doredis status`` (chunks, tasks, failures), added up in memory and
-written at most once per heartbeat (and when the worker stops), not once per chunk."""
+"""The worker's counters for ``doredis status`` (chunks, tasks, failures).
+
+A worker that runs chunks in its own process keeps its totals in memory and writes them, absolute,
+with the bookkeeping of the chunk that just ended (one HSET in a pipeline that goes anyway; no
+round trip of its own); their TTL is refreshed by the heartbeat thread. A chunk's own process
+(``--fork``) adds its counts with HINCRBY before it exits.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 
@@ -12,21 +18,65 @@ from .. import outage, protocol
 
 log = logging.getLogger("doredis.worker")
 
+_FIELDS = ("chunks", "tasks", "failures")
+#: How often the counters' TTL is refreshed (they live for the run TTL).
+TTL_REFRESH = 60.0
+
 _lock = threading.Lock()
-_pending: dict[str, dict[str, int]] = {}  # worker name -> counter -> not yet written
+_totals: dict[str, dict[str, int]] = {}  # worker name -> counter -> total in this process
+_pending: dict[str, dict[str, int]] = {}  # worker name -> counter -> not written yet
+_expired_at: dict[str, float] = {}  # worker name -> when its TTL was last set
+
+
+def _zero() -> dict[str, int]:
+    return dict.fromkeys(_FIELDS, 0)
 
 
 def add(worker: str, tasks: int, failed: int) -> None:
     """Count one chunk of ``tasks`` tasks (``failed`` of them failed) for ``worker``."""
     with _lock:
-        counts = _pending.setdefault(worker, {"chunks": 0, "tasks": 0, "failures": 0})
-        counts["chunks"] += 1
-        counts["tasks"] += tasks
-        counts["failures"] += failed
+        for table in (_totals, _pending):
+            counts = table.setdefault(worker, _zero())
+            counts["chunks"] += 1
+            counts["tasks"] += tasks
+            counts["failures"] += failed
 
 
-def flush(conn: redis.Redis) -> None:
-    """Write what was counted since the last flush (kept for the next one during an outage)."""
+def write_totals(pipe) -> None:
+    """Queue the HSET of every pending worker's totals on ``pipe`` (and their TTL when it is due)."""
+    now = time.monotonic()
+    with _lock:
+        names = list(_pending)
+        _pending.clear()
+        totals = {name: dict(_totals[name]) for name in names}
+    for name, counts in totals.items():
+        key = protocol.worker_stats_key(name)
+        pipe.hset(key, mapping=counts)
+        if now - _expired_at.get(name, float("-inf")) >= TTL_REFRESH:
+            pipe.expire(key, protocol.run_ttl())
+            _expired_at[name] = now
+
+
+def flush_totals(conn: redis.Redis) -> None:
+    """Write the pending totals now (the heartbeat thread, and the worker's end)."""
+    with _lock:
+        if not _pending:
+            return
+    try:
+        with conn.pipeline(transaction=False) as pipe:
+            write_totals(pipe)
+            pipe.execute()
+    except Exception as exc:
+        if not outage.is_outage(exc):
+            raise
+        with _lock:  # written with a later chunk, or the next beat
+            for name in _totals:
+                _pending.setdefault(name, _zero())
+        log.info("worker counters not updated yet (%s)", exc)
+
+
+def flush_increments(conn: redis.Redis) -> None:
+    """Add what this process counted to the stored counters (a ``--fork`` chunk's process)."""
     with _lock:
         taken = dict(_pending)
         _pending.clear()
@@ -42,11 +92,6 @@ def flush(conn: redis.Redis) -> None:
                 pipe.expire(key, protocol.run_ttl())
             pipe.execute()
     except Exception as exc:
-        with _lock:
-            for worker, counts in taken.items():
-                mine = _pending.setdefault(worker, {"chunks": 0, "tasks": 0, "failures": 0})
-                for name, value in counts.items():
-                    mine[name] += value
         if not outage.is_outage(exc):
             raise
-        log.info("worker counters not updated yet (%s)", exc)
+        log.info("worker counters not updated (%s)", exc)
