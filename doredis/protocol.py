@@ -428,7 +428,7 @@ def update_meta(client, keys: RunKeys, fields: dict[str, str | int | float]) -> 
     pairs = [part for name, value in fields.items() for part in (name, value)]
     if not pairs:
         raise ValueError("update_meta needs at least one field")
-    return client.register_script(UPDATE_META)(keys=[keys.meta], args=pairs, client=client)
+    return script(client, UPDATE_META)(keys=[keys.meta], args=pairs, client=client)
 
 
 #: Job ids a queue pass handles per LPOP (and LRANGE) call.

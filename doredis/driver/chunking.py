@@ -2,7 +2,8 @@
 
 Like joblib's auto-batching: the first chunks are small (one task each, one per connected
 worker: the probe), and once workers report how long their tasks took (``ChunkResult.elapsed``),
-each chunk is sized as it is cut so that it takes about ``TARGET_SECONDS``. So tiny tasks travel
+each chunk is sized as it is cut so that it takes about ``TARGET_SECONDS`` and its results take
+about ``TARGET_BYTES`` at most. So tiny tasks travel
 in few big chunks (the per-chunk cost, an rq job and a few round trips, is paid rarely), while
 slow tasks travel one per chunk. The tail is spread over every worker: a chunk holds at most a
 ``1 / (2 x workers)`` share of the tasks not cut yet (guided scheduling, so later chunks shrink),
@@ -28,6 +29,9 @@ LOOKAHEAD = 4096
 #: A chunk is sized to take about this long on a worker, once task durations are measured
 #: (``DOREDIS_CHUNK_SECONDS``).
 TARGET_SECONDS = float(os.environ.get("DOREDIS_CHUNK_SECONDS", 0.5))
+#: A chunk's results are kept to about this many bytes (measured), so big results stream from
+#: several workers at once instead of travelling as one huge value.
+TARGET_BYTES = 4 << 20
 #: Spreading the tail over every worker never makes a chunk shorter than this much work.
 MIN_SECONDS = 0.05
 #: How long submit() waits for the probe chunks' durations before sizing the rest; tasks that
@@ -85,15 +89,17 @@ class ChunkSizer:
         self._measured = threading.Condition()
         self._tasks = 0
         self._seconds = 0.0
+        self._bytes = 0
         self._at_least: float | None = None  # a lower bound on a task's duration, before measurements
 
-    def observe(self, tasks: int, seconds: float) -> None:
-        """A chunk of ``tasks`` tasks ran in ``seconds`` on its worker."""
+    def observe(self, tasks: int, seconds: float, nbytes: int = 0) -> None:
+        """A chunk of ``tasks`` tasks ran in ``seconds`` on its worker; its results took ``nbytes``."""
         if tasks <= 0:
             return
         with self._measured:
             self._tasks += tasks
             self._seconds += max(seconds, 0.0)
+            self._bytes += max(nbytes, 0)
             self._measured.notify_all()
 
     def measured(self) -> bool:
@@ -132,10 +138,14 @@ class ChunkSizer:
             seen = self.n if self.n is not None else max(tasks_cut, LOOKAHEAD)
             return adaptive_chunk_size(seen, workers)
         per = max(per, 1e-9)
+        with self._measured:
+            per_bytes = self._bytes / self._tasks if self._tasks else 0
         by_time = TARGET_SECONDS / per
+        if per_bytes:
+            by_time = min(by_time, TARGET_BYTES / per_bytes)
         floor = MIN_SECONDS / per
         spread = math.ceil(remaining / (2 * workers)) if remaining is not None else MAX_CHUNK
-        return int(max(1, min(MAX_CHUNK, by_time, max(spread, floor))))
+        return int(max(1, min(MAX_CHUNK, by_time, max(spread, min(floor, by_time)))))
 
 
 def cut_chunks(items: Iterable, sizer: ChunkSizer) -> Iterator[list]:

@@ -191,8 +191,6 @@ class Run:
                 self._failed += len(result.failures)
                 if time.monotonic() - self._last_worker_check > 1:
                     self._check_workers()
-                if self.source is not None:
-                    self.source.observed(result.count, result.elapsed)  # sizes the chunks cut next
                 ready = collector.add(result)
                 del result  # its values leave with `ready` only (bpo-14406)
                 if self.source is not None:
@@ -314,9 +312,15 @@ class Run:
             if blob is None:
                 continue
             seen.add(chunk_no)
-            if self.source is not None:
-                self.source.forget(chunk_no)
-            yield serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
+            yield self._loaded(chunk_no, blob)  # no local keeps it (bpo-14406)
+
+    def _loaded(self, chunk_no: int, blob: bytes) -> ChunkResult:
+        """A chunk's result, unpickled; its measured durations size the chunks cut next."""
+        result = serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
+        if self.source is not None:
+            self.source.forget(chunk_no)
+            self.source.observed(result.count, result.elapsed, len(blob))
+        return result
 
     def _early_result(self, early: tuple[int, bytes, ChunkResult | None]) -> ChunkResult:
         """A result the submitter took while it waited for the probe (unpickled here if it could

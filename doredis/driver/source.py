@@ -125,10 +125,10 @@ class RunSource:
         with self._room:
             self.submitted, self.total = chunks, tasks
 
-    def observed(self, tasks: int, seconds: float) -> None:
-        """A chunk's result arrived: its tasks took ``seconds`` on the worker."""
+    def observed(self, tasks: int, seconds: float, nbytes: int) -> None:
+        """A chunk's result arrived: its tasks took ``seconds`` on the worker, it ``nbytes``."""
         if self.sizer is not None:
-            self.sizer.observe(tasks, seconds)
+            self.sizer.observe(tasks, seconds, nbytes)
 
     def forget(self, chunk_no: int) -> None:
         """The chunk's result has arrived: its items are no longer needed."""

@@ -86,10 +86,10 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
     def store_run() -> None:
         with conn.pipeline() as pipe:
             source.write_run(pipe, protocol.SUBMITTING, done=0, failed=0)
+            prune_runs_index(pipe, options.queue)  # expired runs leave the index
             pipe.execute()
 
     redis_outage.call(store_run)
-    redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
     source.sizer = ChunkSizer(None, workers, options.chunk_size)
     submitter = _Submitter(conn, source, cut_chunks(items, source.sizer), redis_outage)
     try:
@@ -137,6 +137,7 @@ class _Submitter:
         self.exhausted = False
         self._peeked: list | None = None
         self._flush_at = 1  # the first chunk goes out at once so workers start while the rest is cut
+        self._sized = False  # the run's total and chunks are in its meta
 
     def _next_chunk(self) -> list | None:
         if self._peeked is not None:
@@ -176,7 +177,7 @@ class _Submitter:
                 self._flush(batch)
                 batch = []
                 self._flush_at = min(_MAX_BATCH, self._flush_at * 2)
-        self._flush(batch)
+        self._flush(batch, last=self.exhausted)
 
     def _await_probe(self) -> None:
         """Wait up to PROBE_WAIT for the probe chunks' results and measure them (they are kept for
@@ -200,29 +201,36 @@ class _Submitter:
                 except Exception:  # the gather unpickles it again, and raises there
                     result = None
                 else:
-                    sizer.observe(result.count, result.elapsed)
+                    sizer.observe(result.count, result.elapsed, len(blob))
                 self.source.early.append((chunk_no, blob, result))
         if not sizer.measured():
             sizer.assume_at_least(PROBE_WAIT)
 
-    def _flush(self, batch: list[int]) -> None:
+    def _flush(self, batch: list[int], last: bool = False) -> None:
         if batch:
-            self.outage.call(self._enqueue, batch)
+            self.outage.call(self._enqueue, batch, last)
             self.source.enqueued(self.chunk_no, self.total)
 
-    def _enqueue(self, batch: list[int]) -> None:
-        """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip."""
+    def _enqueue(self, batch: list[int], last: bool = False) -> None:
+        """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip (with the
+        run's size when it is the ``last`` batch)."""
         with self.conn.pipeline() as pipe:
             self.source.enqueue(pipe, self.queue, batch)
+            if last:
+                protocol.update_meta(pipe, self.source.keys, self._sizes())
+                self._sized = True
             # (a meta that Redis lost comes back as this one field: the health check reads a meta
             # without a state as lost, and restores it)
             pipe.hset(self.source.keys.meta, "enqueued", self.chunk_no)
             pipe.execute()
 
+    def _sizes(self) -> dict[str, int | str]:
+        return {"total": self.total, "chunks": self.chunk_no, "state": protocol.RUNNING}
+
     def finish(self) -> None:
-        """Every chunk is enqueued: the run's size is known."""
-        fields = {"total": self.total, "chunks": self.chunk_no, "state": protocol.RUNNING}
-        self.outage.call(protocol.update_meta, self.conn, self.source.keys, fields)  # only if still live
+        """Every chunk is enqueued: the run's size is known (written with the last batch, or now)."""
+        if not self._sized:  # only if still live
+            self.outage.call(protocol.update_meta, self.conn, self.source.keys, self._sizes())
         self.source.finished = True
 
     def submit_the_rest(self) -> None:
