@@ -86,10 +86,12 @@ def submit_run(conn: redis.Redis, items: Iterable, fn: Callable, options: RunOpt
     def store_run() -> None:
         with conn.pipeline() as pipe:
             source.write_run(pipe, protocol.SUBMITTING, done=0, failed=0)
-            prune_runs_index(pipe, options.queue)  # expired runs leave the index
             pipe.execute()
 
     redis_outage.call(store_run)
+    # (not in that pipeline: redis-py sends SCRIPT EXISTS first for a pipeline with a script, a
+    # round trip of its own and a command the README's ACL does not grant)
+    redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
     source.sizer = ChunkSizer(None, workers, options.chunk_size)
     submitter = _Submitter(conn, source, cut_chunks(items, source.sizer), redis_outage)
     try:
@@ -137,7 +139,6 @@ class _Submitter:
         self.exhausted = False
         self._peeked: list | None = None
         self._flush_at = 1  # the first chunk goes out at once so workers start while the rest is cut
-        self._sized = False  # the run's total and chunks are in its meta
 
     def _next_chunk(self) -> list | None:
         if self._peeked is not None:
@@ -177,7 +178,7 @@ class _Submitter:
                 self._flush(batch)
                 batch = []
                 self._flush_at = min(_MAX_BATCH, self._flush_at * 2)
-        self._flush(batch, last=self.exhausted)
+        self._flush(batch)
 
     def _await_probe(self) -> None:
         """Wait up to PROBE_WAIT for the probe chunks' results and measure them (they are kept for
@@ -206,31 +207,24 @@ class _Submitter:
         if not sizer.measured():
             sizer.assume_at_least(PROBE_WAIT)
 
-    def _flush(self, batch: list[int], last: bool = False) -> None:
+    def _flush(self, batch: list[int]) -> None:
         if batch:
-            self.outage.call(self._enqueue, batch, last)
+            self.outage.call(self._enqueue, batch)
             self.source.enqueued(self.chunk_no, self.total)
 
-    def _enqueue(self, batch: list[int], last: bool = False) -> None:
-        """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip (with the
-        run's size when it is the ``last`` batch)."""
+    def _enqueue(self, batch: list[int]) -> None:
+        """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip."""
         with self.conn.pipeline() as pipe:
             self.source.enqueue(pipe, self.queue, batch)
-            if last:
-                protocol.update_meta(pipe, self.source.keys, self._sizes())
-                self._sized = True
             # (a meta that Redis lost comes back as this one field: the health check reads a meta
             # without a state as lost, and restores it)
             pipe.hset(self.source.keys.meta, "enqueued", self.chunk_no)
             pipe.execute()
 
-    def _sizes(self) -> dict[str, int | str]:
-        return {"total": self.total, "chunks": self.chunk_no, "state": protocol.RUNNING}
-
     def finish(self) -> None:
-        """Every chunk is enqueued: the run's size is known (written with the last batch, or now)."""
-        if not self._sized:  # only if still live
-            self.outage.call(protocol.update_meta, self.conn, self.source.keys, self._sizes())
+        """Every chunk is enqueued: the run's size is known."""
+        fields = {"total": self.total, "chunks": self.chunk_no, "state": protocol.RUNNING}
+        self.outage.call(protocol.update_meta, self.conn, self.source.keys, fields)  # only if still live
         self.source.finished = True
 
     def submit_the_rest(self) -> None:
