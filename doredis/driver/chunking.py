@@ -6,7 +6,8 @@ each chunk is sized as it is cut so that it takes about ``TARGET_SECONDS`` and i
 about ``TARGET_BYTES`` at most. So tiny tasks travel
 in few big chunks (the per-chunk cost, an rq job and a few round trips, is paid rarely), while
 slow tasks travel one per chunk. The tail is spread over every worker: a chunk holds at most a
-``1 / (2 x workers)`` share of the tasks not cut yet (guided scheduling, so later chunks shrink),
+``1 / (CHUNKS_PER_WORKER x workers)`` share of the tasks not cut yet (guided scheduling, so later
+chunks shrink),
 unless that would make it shorter than ``MIN_SECONDS`` of work. A window of chunks is always
 queued ahead (:mod:`doredis.driver.source`), so a worker that joins mid-run finds work at once.
 
@@ -144,7 +145,7 @@ class ChunkSizer:
         if per_bytes:
             by_time = min(by_time, TARGET_BYTES / per_bytes)
         floor = MIN_SECONDS / per
-        spread = math.ceil(remaining / (2 * workers)) if remaining is not None else MAX_CHUNK
+        spread = math.ceil(remaining / (CHUNKS_PER_WORKER * workers)) if remaining is not None else MAX_CHUNK
         return int(max(1, min(MAX_CHUNK, by_time, max(spread, min(floor, by_time)))))
 
 

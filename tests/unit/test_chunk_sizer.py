@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 from doredis.driver.chunking import (
+    CHUNKS_PER_WORKER,
     LOOKAHEAD,
     MAX_CHUNK,
     MIN_SECONDS,
@@ -45,7 +46,7 @@ def test_the_tail_spreads_over_every_worker_but_not_below_min_seconds_of_work():
     sizer = ChunkSizer(1000, 4)
     sizer.observe(1, 0.001)  # 1 ms: by time a chunk would hold 500 tasks
     first = sizer.size(0, 4)
-    assert first == 1000 // 8  # an eighth of what is left: 2 chunks per worker
+    assert first == -(-1000 // (CHUNKS_PER_WORKER * 4))  # a share of what is left, per worker
     assert sizer.size(990, 40) == int(MIN_SECONDS / 0.001)  # the floor, not 2 tasks
 
 
@@ -61,7 +62,7 @@ def test_tasks_slower_than_the_probe_wait_travel_one_per_chunk_until_measured():
     assert not sizer.wants_probe_result(2)
     assert sizer.size(2, 2) == 1
     sizer.observe(1, 0.001)  # measured at last: 1 ms tasks
-    assert sizer.size(3, 3) == min(int(TARGET_SECONDS / 0.001), -(-997 // 4))
+    assert sizer.size(3, 3) == min(int(TARGET_SECONDS / 0.001), -(-997 // (CHUNKS_PER_WORKER * 2)))
 
 
 def test_a_fixed_chunk_size_is_kept_and_reads_no_generator_ahead():
