@@ -47,7 +47,5 @@ def test_bench_quick_prints_every_row(markdown):
         assert re.search(pattern, out, re.M), f"row {row} missing or without a verdict:\n{out}"
     assert "ERROR" not in out
     if markdown:
-        header = (
-            r"^\| # \| benchmark \| doredis, TCP \| doredis, unix socket \| Redis commands \(TCP\) \| peers \|"
-        )
+        header = r"^\| # \| benchmark \| doredis, TCP \| doredis, unix socket \| Redis commands \(TCP\) \|"
         assert re.search(header, out, re.M), out
