@@ -158,7 +158,7 @@ class Run:
         Results leave Redis once gathered, so a second call returns what the first one got.
         """
         if self._gathered is None:
-            collector = Collector(self.options, self._reduce)
+            collector = Collector(self.options, self._reduce, in_order_before_failure=True)
             values: list[Any] = []
             for ready in self._iterate(collector):
                 values.extend(ready)
@@ -171,7 +171,8 @@ class Run:
     def iterate(self, deadline: float | None = None) -> Iterator[Any]:
         """Task values as they become ready; a ``TimeoutError`` (and the run cancelled) when one is
         not there by ``deadline`` (a ``time.monotonic()`` value)."""
-        for ready in self._iterate(Collector(self.options, self._reduce), deadline):
+        collector = Collector(self.options, self._reduce, in_order_before_failure=True)
+        for ready in self._iterate(collector, deadline):
             ready.reverse()  # popped one by one: no value stays referenced once yielded (bpo-14406)
             while ready:
                 yield ready.pop()
@@ -198,6 +199,7 @@ class Run:
                     if bar.bar.total is None and self.source.finished:
                         bar.set_total(self.source.total)  # a streamed run's size is known at last
                 yield ready
+                collector.raise_pending()  # a failing chunk gave the values before its failure
             finished = True
         except RedisOutage:
             raise  # Redis is gone: the run stays there for attach, nothing to cancel
