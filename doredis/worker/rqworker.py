@@ -150,10 +150,13 @@ class _DoredisMixin:
             pipe.delete(
                 execution.key, job.execution_registry.key, job.key, job.dependents_key, job.dependencies_key
             )
-            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            # Idle in Redis with the rest, but busy here until it is written: a stop signal that
+            # arrives meanwhile must wait for the chunk's end (rq's _shutdown), not interrupt it.
+            pipe.hset(self.key, "state", WorkerStatus.IDLE)
             if not self.is_horse:  # a --fork chunk's process adds its counts as it exits
                 stats.write_totals(pipe)  # doredis's counters, with no round trip of their own
             pipe.execute()
+        self._state = WorkerStatus.IDLE  # what rq's set_state keeps (written above)
         self.executions.pop(execution.id, None)
         self.successful_job_count += 1
         self.total_working_time += working
