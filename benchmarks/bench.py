@@ -1,34 +1,43 @@
 #!/usr/bin/env python
-"""doredis benchmarks, each side by side with a peer, with a target and PASS/MISS per row.
+"""doredis benchmarks over TCP loopback (the cluster transport) and a unix socket, side by side,
+with joblib (loky) and multiprocessing.Pool in the same run, and Redis's own command counts.
 
-    python benchmarks/bench.py              # full run (well under 3 minutes on 2 cores)
+    python benchmarks/bench.py              # every row (a few minutes on 2 cores)
     python benchmarks/bench.py --quick      # smaller sizes, a smoke run of every row
     python benchmarks/bench.py --markdown   # the table as markdown (for the README)
+    python benchmarks/bench.py --many-workers   # add the 64-worker rows (6,400 x 100 ms sleeps)
 
-Rows:
+Rows (timed figures are medians of interleaved rounds, so a busy moment hits every system alike):
 
-1. 100,000 no-op tasks on 2 doredis workers (already up) vs ``multiprocessing.Pool(2).map``
-   (pool already created, same function, only the map timed). Target: >= 0.5x Pool's rate.
-2. End-to-end latency of ``parallel_foreach(range(100), noop)`` with workers up: median of 30.
-   Target: <= 50 ms.
-3. 40 tasks of ~50 ms pure-Python CPU work (a calibrated busy loop): 1 worker vs 2 workers.
-   Target: speedup >= 1.8x.
-4. 200 tasks each returning 1 MB (bytes): MB/s gathered by the driver. Target: >= 100 MB/s.
-5. The same no-op tasks as one plain rq job each (``Queue.enqueue_many``, run by 2 plain rq
-   SimpleWorker processes, and by rq's default forking worker), to show what chunking buys.
-6. The cost of ``checkpoint=PATH`` (every result written to a local SQLite file as it arrives):
-   rows 1 and 4 with and without a checkpoint (a new file each time, interleaved). Target: the
-   checkpointed run keeps >= 0.5x the rate of the plain one.
+1. 100 no-op tasks end to end (submit to last result), 2 workers up. Target <= 15 ms (TCP).
+2. 200 tasks returning 1 MiB each, MiB/s gathered by the caller. Target >= 400 MiB/s (TCP).
+3. 100,000 no-op tasks, tasks/s. Target >= 0.5x multiprocessing.Pool(2).map.
+4. 40 tasks of ~50 ms pure-Python CPU: 1 vs 2 workers. Target speedup >= 1.9.
+5. (--many-workers) 64 workers, 6,400 tasks of 100 ms sleep, chunk_size=1 and default chunking.
+   Targets >= 80 % and >= 95 % of the ideal 640 tasks/s; Redis CPU per 1,000 chunks.
+6. Plain rq (one job per task, SimpleWorker), to show what chunking buys.
+7. The cost of ``checkpoint=PATH`` (every result written to a local SQLite file as it arrives):
+   rows 3 (7a) and 2 (7b) over TCP with and without a checkpoint (a new file each round,
+   interleaved). Target: the checkpointed run keeps >= 0.5x the plain one's rate.
 
-Everything runs in this process tree: a private redis-server on a unix socket
-(``doredis.embedded.RedisServer``) and worker subprocesses, all torn down at the end.
-The task functions below are imported by the workers as ``bench.<name>`` (this directory is on
-their PYTHONPATH), so every system runs the very same functions.
+For every doredis row, Redis's own counters (``CONFIG RESETSTAT``, then ``INFO commandstats``
+around one run; commands run inside Lua scripts count too) give the **Redis commands per chunk and
+per task** of the whole system (driver, workers, rq's bookkeeping, idle heartbeats). **Round trips
+per chunk on a worker's critical path** are counted by a TCP proxy on loopback that one worker
+talks to Redis through: a round trip is a burst of requests the worker sends before it reads a
+reply; the path runs from the burst that takes the chunk (BLMOVE) to the one that publishes its
+result (EVALSHA), both included. Commands and round trips do not depend on the machine's noise.
+
+Everything runs in this process tree: private redis-servers (one on TCP loopback, one on a unix
+socket; ``doredis.embedded.RedisServer``) and worker subprocesses, all torn down at the end. The
+task functions below are imported by the workers as ``bench.<name>`` (this directory is on their
+PYTHONPATH), so every system runs the very same functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import importlib
 import multiprocessing
@@ -39,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -47,9 +57,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-MB = 1_000_000
+MiB = 1 << 20
 
-# --- task functions (the same for doredis, multiprocessing and plain rq) ---------------------------
+# --- task functions (the same for doredis, joblib, multiprocessing and plain rq) -------------------
 
 
 def noop(x):
@@ -64,9 +74,13 @@ def spin(n):
     return total
 
 
-def megabyte(i):
-    """A 1 MB bytes value."""
-    return b"x" * MB
+def mebibyte(i):
+    """A 1 MiB bytes value."""
+    return b"x" * MiB
+
+
+def nap(seconds):
+    time.sleep(seconds)
 
 
 # --- sizes -----------------------------------------------------------------------------------------
@@ -74,22 +88,24 @@ def megabyte(i):
 
 @dataclass(frozen=True)
 class Sizes:
+    latency_rounds: int = 30  # median of
+    mb_tasks: int = 200
+    mb_rounds: int = 5
     noop_tasks: int = 100_000
-    noop_repeats: int = 3  # best of
-    latency_runs: int = 30  # median of
+    noop_rounds: int = 5
     cpu_tasks: int = 40
     cpu_seconds: float = 0.05
-    cpu_repeats: int = 3  # best of
-    mb_tasks: int = 200
-    mb_repeats: int = 3  # best of
-    rq_jobs: int = 10_000  # plain rq, SimpleWorker (100k would take minutes: measured and extrapolated)
-    rq_fork_jobs: int = 1_000  # plain rq, default forking worker
+    cpu_rounds: int = 3
+    many_workers: int = 64
+    many_tasks: int = 6_400
+    many_seconds: float = 0.1
+    rq_jobs: int = 5_000
 
 
 FULL = Sizes()
 QUICK = Sizes(
-    noop_tasks=10_000, noop_repeats=1, latency_runs=5, cpu_tasks=8, cpu_seconds=0.02, cpu_repeats=1,
-    mb_tasks=20, mb_repeats=1, rq_jobs=500, rq_fork_jobs=50,
+    latency_rounds=7, mb_tasks=40, mb_rounds=2, noop_tasks=20_000, noop_rounds=2, cpu_tasks=8,
+    cpu_seconds=0.02, cpu_rounds=1, many_workers=16, many_tasks=800, rq_jobs=300,
 )
 
 
@@ -97,8 +113,10 @@ QUICK = Sizes(
 class Row:
     number: str
     name: str
-    doredis: str = ""
-    peer: str = ""
+    tcp: str = ""
+    unix: str = ""
+    commands: str = ""
+    peers: str = ""
     target: str = ""
     result: str = ""
 
@@ -119,14 +137,15 @@ def _die_with_parent() -> None:
 
 
 class Cluster:
-    """A private redis-server plus worker processes (doredis or plain rq) on named queues."""
+    """A private redis-server (TCP loopback or unix socket) plus worker processes on named queues."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp: bool, logs: Path) -> None:
         from doredis.embedded import RedisServer
 
-        self.server = RedisServer()
+        self.tcp = tcp
+        self.server = RedisServer(tcp=tcp)
         self.url = self.server.url
-        self.logs = Path(tempfile.mkdtemp(prefix="doredis-bench-"))
+        self.logs = logs
         self.processes: list[subprocess.Popen] = []
         import redis
 
@@ -141,7 +160,8 @@ class Cluster:
         return env
 
     def _spawn(self, command: list[str], tag: str) -> subprocess.Popen:
-        with open(self.logs / f"{tag}-{len(self.processes)}.log", "wb") as log:
+        name = f"{tag}-{'tcp' if self.tcp else 'unix'}-{len(self.processes)}.log"
+        with open(self.logs / name, "wb") as log:
             process = subprocess.Popen(
                 command, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent, cwd=HERE,
@@ -155,23 +175,24 @@ class Cluster:
 
         return Worker.count(connection=self.conn, queue=Queue(queue, connection=self.conn))
 
-    def _wait_registered(self, queue: str, n: int, procs: list[subprocess.Popen]) -> None:
-        deadline = time.monotonic() + 30
+    def _wait_registered(self, queue: str, n: int, procs: list[subprocess.Popen], timeout: float = 60
+                         ) -> None:
+        deadline = time.monotonic() + timeout
         while self.worker_count(queue) < n:
             for p in procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"a worker exited with {p.returncode}:\n{self.log_tail(p)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{n} workers did not register on queue {queue!r} within 30 s")
+                raise TimeoutError(f"{n} workers did not register on queue {queue!r} within {timeout} s")
             time.sleep(0.02)
 
-    def doredis_workers(self, queue: str, n: int) -> list[subprocess.Popen]:
+    def doredis_workers(self, queue: str, n: int, url: str | None = None) -> list[subprocess.Popen]:
         procs = [
-            self._spawn([sys.executable, "-m", "doredis", "worker", "--redis", self.url, "--queue", queue],
-                        "doredis-worker")
+            self._spawn([sys.executable, "-m", "doredis", "worker", "--redis", url or self.url,
+                         "--queue", queue], "doredis-worker")
             for _ in range(n)
         ]
-        self._wait_registered(queue, n, procs)
+        self._wait_registered(queue, n, procs, timeout=30 + n)
         return procs
 
     def rq_workers(self, queue: str, n: int, worker_class: str | None) -> list[subprocess.Popen]:
@@ -191,7 +212,7 @@ class Cluster:
         except OSError:
             return ""
 
-    def stop(self, procs: list[subprocess.Popen], timeout: float = 15) -> None:
+    def stop(self, procs: list[subprocess.Popen], timeout: float = 20) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -207,9 +228,138 @@ class Cluster:
         self.stop(self.processes)
         self.conn.close()
         self.server.stop()
-        import shutil
 
-        shutil.rmtree(self.logs, ignore_errors=True)
+    # -- Redis's own counters --------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.conn.config_resetstat()
+
+    def commands(self) -> int:
+        """Commands Redis ran since the last reset (scripts' own commands included), not counting
+        this INFO and the reset."""
+        stats = self.conn.info("commandstats")
+        total = sum(v["calls"] for v in stats.values())
+        return total - 1  # CONFIG RESETSTAT (this INFO is counted after it returns)
+
+    def cpu(self) -> float:
+        info = self.conn.info("cpu")
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+    def cpu_of(self, fn: Callable[[], object], procs: list[subprocess.Popen]) -> float:
+        """CPU seconds that ``fn`` costs this process, ``procs`` and Redis together (less
+        sensitive to a busy machine than wall time)."""
+        def total() -> float:
+            return time.process_time() + self.cpu() + sum(_process_cpu(p.pid) for p in procs)
+
+        before = total()
+        fn()
+        return total() - before
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class TurnCounter:
+    """A TCP proxy on loopback in front of Redis that records, per client connection, each burst
+    of requests sent before the client reads a reply (one round trip), with its command names."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.bursts: dict[int, list[list[str]]] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.port = 0
+        threading.Thread(target=self._serve, daemon=True, name="bench-proxy").start()
+        self._ready.wait(10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _client(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        key = id(writer)
+        turns: list[list[str]] = []
+        with self._lock:
+            self.bursts[key] = turns
+        state = {"replied": True}
+
+        async def upstream() -> None:
+            while data := await reader.read(1 << 20):
+                names = _command_names(data)
+                if state["replied"] or not turns:
+                    turns.append(names)
+                    state["replied"] = False
+                else:
+                    turns[-1].extend(names)
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(1 << 20):
+                state["replied"] = True
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def critical_paths(self) -> list[int]:
+        """Round trips from each BLMOVE burst to the next EVALSHA burst, on every connection."""
+        paths = []
+        with self._lock:
+            connections = [list(t) for t in self.bursts.values()]
+        for turns in connections:
+            began = None
+            for i, names in enumerate(turns):
+                if "BLMOVE" in names:
+                    began = i
+                elif began is not None and "EVALSHA" in names:
+                    paths.append(i - began + 1)
+                    began = None
+        return paths
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def _command_names(data: bytes) -> list[str]:
+    """The command names in a chunk of RESP requests (best effort: the first bulk of each array)."""
+    names = []
+    pos = 0
+    while True:
+        star = data.find(b"*", pos)
+        if star < 0:
+            break
+        line_end = data.find(b"\r\n", star)
+        dollar = line_end + 2
+        if line_end < 0 or data[dollar:dollar + 1] != b"$":
+            pos = star + 1
+            continue
+        len_end = data.find(b"\r\n", dollar)
+        try:
+            n = int(data[dollar + 1:len_end])
+        except ValueError:
+            pos = star + 1
+            continue
+        name = data[len_end + 2:len_end + 2 + n]
+        if name.isalpha() and 2 <= n <= 16:
+            names.append(name.decode().upper())
+        pos = len_end + 2 + n
+    return names
 
 
 # --- measuring -------------------------------------------------------------------------------------
@@ -221,12 +371,13 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
-def best_of(n: int, fn: Callable[[], object]) -> float:
-    return min(timed(fn) for _ in range(n))
-
-
-def fmt_rate(rate: float, unit: str = "tasks/s") -> str:
-    return f"{rate:,.0f} {unit}"
+def interleaved(rounds: int, systems: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median seconds of each system, measured in interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(rounds):
+        for name, fn in systems.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def verdict(ok: bool, detail: str) -> str:
@@ -242,193 +393,322 @@ def calibrate_spin(tasks, seconds: float) -> int:
 
 class Bench:
     def __init__(self, sizes: Sizes, log: Callable[[str], None]) -> None:
+        import redis
+
         self.sizes = sizes
         self.log = log
         self.tasks = importlib.import_module("bench")  # this file, as the workers import it
-        self.cluster = Cluster()
-        self.url = self.cluster.url
+        self.logs = Path(tempfile.mkdtemp(prefix="doredis-bench-"))
+        self.tcp = Cluster(tcp=True, logs=self.logs)
+        self.unix = Cluster(tcp=False, logs=self.logs)
+        self.clusters = {"tcp": self.tcp, "unix": self.unix}
         self.queue = "bench"
-        self.workers = self.cluster.doredis_workers(self.queue, 2)  # up before anything is timed
+        self.workers = {name: c.doredis_workers(self.queue, 2) for name, c in self.clusters.items()}
+        self.clients = {name: redis.Redis.from_url(c.url) for name, c in self.clusters.items()}
         # The pool's processes are forked from here: give them back the default SIGTERM action (main()
         # installs a handler), or Pool.terminate() can leave one blocked forever on the task queue's lock.
         self.pool = multiprocessing.get_context("fork").Pool(
             2, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)
         )
         self.pool.map(self.tasks.noop, range(100))  # the pool's processes are up and warm
-        self.doredis_rate: float | None = None
-        self.notes: list[str] = []
+        self.joblib = None
+        try:
+            import joblib
 
-    def run(self, items, fn, queue: str | None = None, **options):
+            self.joblib = joblib.Parallel(n_jobs=2, backend="loky")
+            self.joblib.__enter__()  # keep the loky workers for every call (a warm pool, like Pool's)
+            self.joblib(joblib.delayed(self.tasks.noop)(i) for i in range(100))
+            self._delayed = joblib.delayed
+        except ImportError:
+            self.log("# joblib is not installed: its column stays empty (pip install joblib)")
+
+    def run(self, transport: str, items, fn, queue: str | None = None, **options):
         import doredis
 
-        return doredis.parallel_foreach(items, fn, redis=self.url, queue=queue or self.queue, progress=False,
-                                        **options)
+        return doredis.submit(items, fn, redis=self.clients[transport], queue=queue or self.queue,
+                              progress=False, **options)
+
+    def gather(self, transport: str, items, fn, **options):
+        return self.run(transport, items, fn, **options).results()
+
+    def joblib_map(self, fn, items):
+        return self.joblib(self._delayed(fn)(i) for i in items)
+
+    def counted(self, transport: str, items, fn, **options) -> tuple[int, int, int]:
+        """(commands, chunks, tasks) of one run, from Redis's counters."""
+        cluster = self.clusters[transport]
+        cluster.reset_stats()
+        run = self.run(transport, items, fn, **options)
+        values = run.results()
+        commands = cluster.commands()
+        chunks = int(cluster.conn.hget(f"doredis:run:{run.id}:meta", "chunks"))
+        return commands, chunks, len(values)
+
+    def commands_cell(self, items, fn, **options) -> str:
+        commands, chunks, tasks = self.counted("tcp", items, fn, **options)
+        return f"{commands / chunks:.1f}/chunk, {commands / tasks:.2f}/task ({chunks:,} chunks)"
+
+    def cpu_cell(self, items, fn, per: float, unit: str, rounds: int = 3) -> str:
+        """Median CPU seconds of a run over TCP (driver + both workers + Redis), per ``per`` ``unit``."""
+        cpu = statistics.median(
+            self.tcp.cpu_of(lambda: self.gather("tcp", items, fn), self.workers["tcp"]) for _ in range(rounds)
+        )
+        return f"; CPU {cpu / per * 1e3:.2f} ms/{unit}"
+
+    def peers_cell(self, seconds: dict[str, float], fmt: Callable[[float], str]) -> str:
+        cells = []
+        if "joblib" in seconds:
+            cells.append(f"joblib {fmt(seconds['joblib'])}")
+        cells.append(f"Pool {fmt(seconds['pool'])}")
+        return "; ".join(cells)
 
     def close(self) -> None:
+        if self.joblib is not None:
+            self.joblib.__exit__(None, None, None)
         self.pool.terminate()
         self.pool.join()
-        self.cluster.close()
+        for client in self.clients.values():
+            client.close()
+        for cluster in self.clusters.values():
+            cluster.close()
+        import shutil
+
+        shutil.rmtree(self.logs, ignore_errors=True)
+
+    def systems(self, doredis_fn: Callable[[str], object], joblib_fn, pool_fn
+                ) -> dict[str, Callable[[], object]]:
+        systems = {"tcp": lambda: doredis_fn("tcp"), "unix": lambda: doredis_fn("unix")}
+        if self.joblib is not None:
+            systems["joblib"] = joblib_fn
+        systems["pool"] = pool_fn
+        return systems
+
+    # 0 ---------------------------------------------------------------------------------------------
+    def round_trips(self) -> Row:
+        """Round trips per chunk on a worker's path, through the counting proxy."""
+        row = Row("0", "round trips per chunk on a worker's path (take chunk -> result visible)",
+                  target="<= 8")
+        proxy = TurnCounter(self.tcp.server.port)
+        queue = "bench-rt"
+        procs = self.tcp.doredis_workers(queue, 1, url=proxy.url())
+        try:
+            self.gather("tcp", range(4), self.tasks.noop, queue=queue, chunk_size=1)  # warm (the spec)
+            with proxy._lock:
+                for turns in proxy.bursts.values():
+                    turns.clear()
+            self.gather("tcp", range(40), self.tasks.noop, queue=queue, chunk_size=1)
+            paths = proxy.critical_paths()
+        finally:
+            self.tcp.stop(procs)
+            proxy.close()
+        median = statistics.median(paths)
+        row.tcp = f"{median:g} (median of {len(paths)} chunks; min {min(paths)}, max {max(paths)})"
+        row.result = verdict(median <= 8, f"{median:g} round trips")
+        return row
 
     # 1 ---------------------------------------------------------------------------------------------
-    def noop_throughput(self) -> Row:
-        from doredis.driver.chunking import adaptive_chunk_size
-
-        n, reps = self.sizes.noop_tasks, self.sizes.noop_repeats
-        row = Row("1", f"{n:,} no-op tasks, 2 workers (best of {reps})", target=">= 0.5x Pool rate")
-        items = range(n)
-        self.run(range(1000), self.tasks.noop)  # warm: the workers have imported everything
-        t_dr = best_of(reps, lambda: self.run(items, self.tasks.noop))
-        t_pool = best_of(reps, lambda: self.pool.map(self.tasks.noop, items))
-        self.doredis_rate = n / t_dr
-        ratio = (n / t_dr) / (n / t_pool)
-        chunk = adaptive_chunk_size(n, 2)
-        row.doredis = f"{fmt_rate(n / t_dr)} ({t_dr:.3f} s, chunks of {chunk:,})"
-        row.peer = f"Pool(2).map: {fmt_rate(n / t_pool)} ({t_pool:.3f} s)"
-        row.result = verdict(ratio >= 0.5, f"{ratio:.2f}x Pool")
+    def latency(self) -> Row:
+        rounds = self.sizes.latency_rounds
+        row = Row("1", f"100 no-op tasks end to end (median of {rounds})", target="<= 15 ms (TCP)")
+        items = range(100)
+        for _ in range(3):
+            for transport in self.clusters:
+                self.gather(transport, items, self.tasks.noop)
+        med = interleaved(rounds, self.systems(
+            lambda t: self.gather(t, items, self.tasks.noop),
+            lambda: self.joblib_map(self.tasks.noop, items),
+            lambda: self.pool.map(self.tasks.noop, items),
+        ))
+        row.tcp, row.unix = f"{med['tcp'] * 1e3:.1f} ms", f"{med['unix'] * 1e3:.1f} ms"
+        row.tcp += self.cpu_cell(items, self.tasks.noop, 1, "run", rounds=7)
+        row.peers = self.peers_cell(med, lambda s: f"{s * 1e3:.1f} ms")
+        row.commands = self.commands_cell(items, self.tasks.noop)
+        row.result = verdict(med["tcp"] <= 0.015, f"{med['tcp'] * 1e3:.1f} ms")
         return row
 
     # 2 ---------------------------------------------------------------------------------------------
-    def latency(self) -> Row:
-        runs = self.sizes.latency_runs
-        from doredis.driver.chunking import adaptive_chunk_size
+    def bandwidth(self) -> Row:
+        n, rounds = self.sizes.mb_tasks, self.sizes.mb_rounds
+        row = Row("2", f"{n} tasks returning 1 MiB each, gathered (median of {rounds})",
+                  target=">= 400 MiB/s (TCP)")
+        items = range(n)
 
-        size = adaptive_chunk_size(100, 2)
-        row = Row("2", f"100 no-op tasks end to end (median of {runs})", target="<= 50 ms")
-        for _ in range(3):
-            self.run(range(100), self.tasks.noop)
-        dr = sorted(timed(lambda: self.run(range(100), self.tasks.noop)) for _ in range(runs))
-        pool = sorted(timed(lambda: self.pool.map(self.tasks.noop, range(100))) for _ in range(runs))
-        median = statistics.median(dr)
-        p90 = dr[min(len(dr) - 1, int(0.9 * len(dr)))]
-        row.doredis = f"{median * 1e3:.1f} ms (p90 {p90 * 1e3:.1f} ms; {-(-100 // size)} chunks of {size})"
-        row.peer = f"Pool(2).map: {statistics.median(pool) * 1e3:.2f} ms"
-        row.result = verdict(median <= 0.050, f"{median * 1e3:.1f} ms")
+        def check(values):
+            assert len(values) == n and all(len(v) == MiB for v in values)
+
+        med = interleaved(rounds, self.systems(
+            lambda t: check(self.gather(t, items, self.tasks.mebibyte)),
+            lambda: check(self.joblib_map(self.tasks.mebibyte, items)),
+            lambda: check(self.pool.map(self.tasks.mebibyte, items)),
+        ))
+        rate = {name: n / seconds for name, seconds in med.items()}
+        row.tcp, row.unix = f"{rate['tcp']:,.0f} MiB/s", f"{rate['unix']:,.0f} MiB/s"
+        row.tcp += self.cpu_cell(items, self.tasks.mebibyte, n, "MiB")
+        row.peers = self.peers_cell(rate, lambda r: f"{r:,.0f} MiB/s")
+        row.commands = self.commands_cell(items, self.tasks.mebibyte)
+        row.result = verdict(rate["tcp"] >= 400, f"{rate['tcp']:,.0f} MiB/s")
         return row
 
     # 3 ---------------------------------------------------------------------------------------------
-    def cpu_speedup(self) -> Row:
-        n_tasks, secs, reps = self.sizes.cpu_tasks, self.sizes.cpu_seconds, self.sizes.cpu_repeats
-        row = Row("3", f"{n_tasks} x {secs * 1e3:.0f} ms CPU tasks: 1 vs 2 workers (best of {reps})",
-                  target=">= 1.8x speedup")
-        iterations = calibrate_spin(self.tasks, secs)
-        items = [iterations] * n_tasks
-        serial = timed(lambda: [self.tasks.spin(i) for i in items])
-        one_q = "bench-1w"
-        one = self.cluster.doredis_workers(one_q, 1)  # idle while the 2-worker queue runs, and vice versa
-        try:
-            self.run(items[:2], self.tasks.spin, queue=one_q)
-            t1s, t2s = [], []
-            for _ in range(reps):  # interleaved, so a busy moment of the machine hits both alike
-                t1s.append(timed(lambda: self.run(items, self.tasks.spin, queue=one_q)))
-                t2s.append(timed(lambda: self.run(items, self.tasks.spin)))
-        finally:
-            self.cluster.stop(one)
-        t1, t2 = min(t1s), min(t2s)
-        t_pool = best_of(reps, lambda: self.pool.map(self.tasks.spin, items, chunksize=1))
-        speedup = t1 / t2
-        row.doredis = f"1 worker {t1:.2f} s, 2 workers {t2:.2f} s: {speedup:.2f}x"
-        row.peer = f"Pool(2).map: {t_pool:.2f} s, {serial / t_pool:.2f}x over serial {serial:.2f} s"
-        row.result = verdict(speedup >= 1.8, f"{speedup:.2f}x")
+    def throughput(self) -> Row:
+        n, rounds = self.sizes.noop_tasks, self.sizes.noop_rounds
+        row = Row("3", f"{n:,} no-op tasks, tasks/s (median of {rounds})", target=">= 0.5x Pool(2).map")
+        items = range(n)
+        for transport in self.clusters:
+            self.gather(transport, range(1000), self.tasks.noop)
+        med = interleaved(rounds, self.systems(
+            lambda t: self.gather(t, items, self.tasks.noop),
+            lambda: self.joblib_map(self.tasks.noop, items),
+            lambda: self.pool.map(self.tasks.noop, items),
+        ))
+        rate = {name: n / seconds for name, seconds in med.items()}
+        fmt = lambda r: f"{r / 1e6:.2f} M/s" if r >= 1e6 else f"{r / 1e3:,.0f} k/s"  # noqa: E731
+        row.tcp, row.unix = fmt(rate["tcp"]), fmt(rate["unix"])
+        row.tcp += self.cpu_cell(items, self.tasks.noop, n / 1000, "1,000 tasks")
+        row.peers = self.peers_cell(rate, fmt)
+        row.commands = self.commands_cell(items, self.tasks.noop)
+        ratio = rate["tcp"] / rate["pool"]
+        row.result = verdict(ratio >= 0.5, f"{ratio:.2f}x Pool")
         return row
 
     # 4 ---------------------------------------------------------------------------------------------
-    def bandwidth(self) -> Row:
-        n, reps = self.sizes.mb_tasks, self.sizes.mb_repeats
-        row = Row("4", f"{n} tasks returning 1 MB each, gathered (best of {reps})", target=">= 100 MB/s")
-
-        def gather_dr():
-            values = self.run(range(n), self.tasks.megabyte)
-            assert len(values) == n and all(len(v) == MB for v in values)
-
-        def gather_pool():
-            values = self.pool.map(self.tasks.megabyte, range(n))
-            assert len(values) == n
-
-        t_dr = best_of(reps, gather_dr)
-        t_pool = best_of(reps, gather_pool)
-        rate = n * MB / MB / t_dr
-        row.doredis = f"{rate:,.0f} MB/s ({t_dr:.3f} s for {n} MB)"
-        row.peer = f"Pool(2).map: {n / t_pool:,.0f} MB/s ({t_pool:.3f} s)"
-        row.result = verdict(rate >= 100, f"{rate:,.0f} MB/s")
-        return row
-
-    # 6 ---------------------------------------------------------------------------------------------
-    def checkpoint_cost(self, number: str, kind: str) -> Row:
-        """Rows 1 (no-ops) or 4 (1 MB results) with and without ``checkpoint=``."""
-        if kind == "noop":
-            n, reps, fn, unit = self.sizes.noop_tasks, self.sizes.noop_repeats, self.tasks.noop, "tasks/s"
-            name = f"{n:,} no-op tasks with vs without checkpoint (best of {reps})"
-            self.run(range(1000), fn)
-        else:
-            n, reps, fn, unit = self.sizes.mb_tasks, self.sizes.mb_repeats, self.tasks.megabyte, "MB/s"
-            name = f"{n} tasks returning 1 MB each with vs without checkpoint (best of {reps})"
-        row = Row(number, name, target=">= 0.5x without")
-        directory = Path(tempfile.mkdtemp(prefix="doredis-bench-ckpt-"))
-        plain, checked, size = [], [], 0
-        try:
-            for rep in range(reps):  # interleaved, so a busy moment of the machine hits both alike
-                plain.append(timed(lambda: self.run(range(n), fn)))
-                path = directory / f"run-{rep}.ckpt"
-                checked.append(timed(lambda: self.run(range(n), fn, checkpoint=path)))  # noqa: B023
-                size = path.stat().st_size
-        finally:
-            import shutil
-
-            shutil.rmtree(directory, ignore_errors=True)
-        t_plain, t_ckpt = min(plain), min(checked)
-        ratio = t_plain / t_ckpt
-        row.doredis = f"with: {fmt_rate(n / t_ckpt, unit)} ({t_ckpt:.3f} s, file {size / MB:,.1f} MB)"
-        row.peer = f"without: {fmt_rate(n / t_plain, unit)} ({t_plain:.3f} s)"
-        row.result = verdict(ratio >= 0.5, f"{ratio:.2f}x without")
+    def cpu_speedup(self) -> Row:
+        n_tasks, secs, rounds = self.sizes.cpu_tasks, self.sizes.cpu_seconds, self.sizes.cpu_rounds
+        row = Row("4", f"{n_tasks} x {secs * 1e3:.0f} ms CPU tasks: 1 vs 2 workers (median of {rounds})",
+                  target=">= 1.9x speedup")
+        iterations = calibrate_spin(self.tasks, secs)
+        items = [iterations] * n_tasks
+        one_q = "bench-1w"
+        cells = {}
+        for transport, cluster in self.clusters.items():
+            one = cluster.doredis_workers(one_q, 1)  # idle while the 2-worker queue runs, and vice versa
+            try:
+                self.gather(transport, items[:2], self.tasks.spin, queue=one_q)
+                med = interleaved(rounds, {
+                    "1": lambda t=transport: self.gather(t, items, self.tasks.spin, queue=one_q),
+                    "2": lambda t=transport: self.gather(t, items, self.tasks.spin),
+                })
+            finally:
+                cluster.stop(one)
+            cells[transport] = med["1"] / med["2"]
+            setattr(row, transport, f"{med['1']:.2f} s / {med['2']:.2f} s = {cells[transport]:.2f}x")
+        t_pool = statistics.median(timed(lambda: self.pool.map(self.tasks.spin, items, chunksize=1))
+                                   for _ in range(rounds))
+        serial = timed(lambda: [self.tasks.spin(i) for i in items])
+        row.peers = f"Pool(2) {serial / t_pool:.2f}x over serial"
+        row.commands = self.commands_cell(items, self.tasks.spin)
+        row.result = verdict(cells["tcp"] >= 1.9, f"{cells['tcp']:.2f}x")
         return row
 
     # 5 ---------------------------------------------------------------------------------------------
-    def plain_rq(self, number: str, worker_class: str | None, jobs: int, label: str) -> Row:
+    def many_workers(self, chunk_size: int | None, number: str) -> Row:
+        w, n, secs = self.sizes.many_workers, self.sizes.many_tasks, self.sizes.many_seconds
+        ideal = w / secs
+        label = "chunk_size=1" if chunk_size == 1 else "default chunking"
+        goal = 0.8 if chunk_size == 1 else 0.95
+        row = Row(number, f"{w} workers, {n:,} x {secs * 1e3:.0f} ms sleep, {label}",
+                  target=f">= {goal:.0%} of {ideal:,.0f} tasks/s")
+        queue = "bench-many"
+        cluster = self.tcp
+        procs = cluster.doredis_workers(queue, w)
+        try:
+            self.gather("tcp", [0.0] * w, self.tasks.nap, queue=queue, chunk_size=1)  # warm every worker
+            cluster.reset_stats()
+            cpu0 = cluster.cpu()
+            began = time.perf_counter()
+            run = self.run("tcp", [secs] * n, self.tasks.nap, queue=queue, chunk_size=chunk_size)
+            run.results()
+            elapsed = time.perf_counter() - began
+            cpu = cluster.cpu() - cpu0
+            commands = cluster.commands()
+            chunks = int(cluster.conn.hget(f"doredis:run:{run.id}:meta", "chunks"))
+        finally:
+            cluster.stop(procs)
+        rate = n / elapsed
+        per_k = cpu / chunks * 1000
+        row.tcp = f"{rate:,.0f} tasks/s ({rate / ideal:.0%}); Redis CPU {per_k:.2f} s/1,000 chunks"
+        row.commands = f"{commands / chunks:.1f}/chunk, {commands / n:.2f}/task ({chunks:,} chunks)"
+        row.result = verdict(rate / ideal >= goal, f"{rate / ideal:.0%}")
+        return row
+
+    # 6 ---------------------------------------------------------------------------------------------
+    def plain_rq(self) -> Row:
         from rq import Queue
 
-        target_n = self.sizes.noop_tasks
-        row = Row(number, f"{target_n:,} no-op tasks as 1 plain rq job each, 2 {label}", target="info")
-        queue_name = f"plain-{number}"
-        procs = self.cluster.rq_workers(queue_name, 2, worker_class)
+        jobs = self.sizes.rq_jobs
+        row = Row("6", f"{jobs:,} no-op tasks as 1 plain rq job each, 2 rq SimpleWorkers", target="info")
+        queue_name = "plain"
+        cluster = self.tcp
+        procs = cluster.rq_workers(queue_name, 2, "rq.worker.SimpleWorker")
         try:
-            q = Queue(queue_name, connection=self.cluster.conn)
+            q = Queue(queue_name, connection=cluster.conn)
+            cluster.reset_stats()
             began = time.perf_counter()
             for lo in range(0, jobs, 1000):
                 batch = [Queue.prepare_data("bench.noop", args=(i,)) for i in range(lo, min(jobs, lo + 1000))]
-                with self.cluster.conn.pipeline() as pipe:
+                with cluster.conn.pipeline() as pipe:
                     q.enqueue_many(batch, pipeline=pipe)
                     pipe.execute()
             deadline = time.monotonic() + 600
             while (done := q.finished_job_registry.count) < jobs:
-                failed = q.failed_job_registry.count
-                if failed:
-                    raise RuntimeError(f"{failed} plain rq jobs failed:\n{self.cluster.log_tail(procs[0])}")
+                if q.failed_job_registry.count:
+                    raise RuntimeError(f"plain rq jobs failed:\n{cluster.log_tail(procs[0])}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"plain rq: only {done} of {jobs} jobs finished in 600 s")
                 time.sleep(0.02)
             elapsed = time.perf_counter() - began
+            commands = cluster.commands()
         finally:
-            self.cluster.stop(procs)
-        rate = jobs / elapsed
-        measured = f"{jobs:,} jobs in {elapsed:.2f} s"
-        if jobs < target_n:
-            measured += f"; {target_n:,} extrapolated: ~{target_n / rate:,.0f} s"
-        row.peer = f"plain rq: {fmt_rate(rate)} ({measured})"
-        if self.doredis_rate:
-            row.doredis = f"{fmt_rate(self.doredis_rate)} (row 1)"
-            row.result = f"info: doredis {self.doredis_rate / rate:,.0f}x plain rq"
+            cluster.stop(procs)
+        row.tcp = f"{jobs / elapsed:,.0f} tasks/s"
+        row.commands = f"{commands / jobs:.1f}/job (polling included)"
+        row.result = "info"
+        return row
+
+    # 7 ---------------------------------------------------------------------------------------------
+    def checkpoint_cost(self, number: str, kind: str) -> Row:
+        """Row 3 (no-ops) or 2 (1 MiB results) over TCP, with and without ``checkpoint=``."""
+        if kind == "noop":
+            n, rounds, fn = self.sizes.noop_tasks, self.sizes.noop_rounds, self.tasks.noop
+            name = f"{n:,} no-op tasks with vs without checkpoint (median of {rounds})"
         else:
-            row.result = "info"
+            n, rounds, fn = self.sizes.mb_tasks, self.sizes.mb_rounds, self.tasks.mebibyte
+            name = f"{n} tasks returning 1 MiB each with vs without checkpoint (median of {rounds})"
+        row = Row(number, name, target=">= 0.5x without")
+        directory = Path(tempfile.mkdtemp(prefix="doredis-bench-ckpt-"))
+        files = iter(range(1 << 30))
+        sizes: list[int] = []
+
+        def checkpointed() -> None:
+            path = directory / f"run-{next(files)}.ckpt"
+            self.gather("tcp", range(n), fn, checkpoint=path)
+            sizes.append(path.stat().st_size)
+
+        try:
+            plain = lambda: self.gather("tcp", range(n), fn)  # noqa: E731
+            med = interleaved(rounds, {"plain": plain, "ckpt": checkpointed})
+        finally:
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+        rate = {name: n / seconds for name, seconds in med.items()}
+        fmt = (lambda r: f"{r:,.0f} MiB/s") if kind != "noop" else (lambda r: f"{r / 1e3:,.0f} k/s")
+        row.tcp = f"with: {fmt(rate['ckpt'])} (file {max(sizes) / MiB:,.1f} MiB)"
+        row.peers = f"without: {fmt(rate['plain'])}"
+        ratio = rate["ckpt"] / rate["plain"]
+        row.result = verdict(ratio >= 0.5, f"{ratio:.2f}x without")
         return row
 
 
 # --- output ----------------------------------------------------------------------------------------
 
-HEADERS = ("#", "benchmark", "doredis", "peer", "target", "result")
+HEADERS = ("#", "benchmark", "doredis, TCP", "doredis, unix socket", "Redis commands (TCP)", "peers",
+           "target", "result")
 
 
 def render(rows: list[Row], markdown: bool) -> str:
-    cells = [HEADERS] + [(r.number, r.name, r.doredis, r.peer, r.target, r.result) for r in rows]
+    cells = [HEADERS] + [(r.number, r.name, r.tcp, r.unix, r.commands, r.peers, r.target, r.result)
+                         for r in rows]
     if markdown:
         lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells[1:]]
@@ -457,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke run of every row")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--many-workers", action="store_true", help="add the 64-worker rows")
+    parser.add_argument("--only", default="", help="comma-separated row numbers to run (e.g. 0,1)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # tear down on SIGTERM too
@@ -471,18 +753,26 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(sizes, log)
     try:
         steps = [
-            (Row("1", "no-op throughput"), bench.noop_throughput),
-            (Row("2", "latency"), bench.latency),
-            (Row("3", "CPU speedup"), bench.cpu_speedup),
-            (Row("4", "bandwidth"), bench.bandwidth),
-            (Row("5a", "plain rq, SimpleWorker"),
-             lambda: bench.plain_rq("5a", "rq.worker.SimpleWorker", sizes.rq_jobs, "rq SimpleWorkers")),
-            (Row("5b", "plain rq, forking worker"),
-             lambda: bench.plain_rq("5b", None, sizes.rq_fork_jobs, "rq (forking) Workers")),
-            (Row("6a", "checkpoint cost, no-ops"), lambda: bench.checkpoint_cost("6a", "noop")),
-            (Row("6b", "checkpoint cost, 1 MB results"), lambda: bench.checkpoint_cost("6b", "mb")),
+            (Row("0", "round trips"), bench.round_trips),
+            (Row("1", "latency"), bench.latency),
+            (Row("2", "bandwidth"), bench.bandwidth),
+            (Row("3", "no-op throughput"), bench.throughput),
+            (Row("4", "CPU speedup"), bench.cpu_speedup),
         ]
+        if args.many_workers:
+            steps += [
+                (Row("5a", "many workers, chunk_size=1"), lambda: bench.many_workers(1, "5a")),
+                (Row("5b", "many workers, default chunking"), lambda: bench.many_workers(None, "5b")),
+            ]
+        steps.append((Row("6", "plain rq"), bench.plain_rq))
+        steps += [
+            (Row("7a", "checkpoint cost, no-ops"), lambda: bench.checkpoint_cost("7a", "noop")),
+            (Row("7b", "checkpoint cost, 1 MiB results"), lambda: bench.checkpoint_cost("7b", "mib")),
+        ]
+        wanted = {w.strip() for w in args.only.split(",") if w.strip()}
         for placeholder, step in steps:
+            if wanted and placeholder.number not in wanted and placeholder.number[:1] not in wanted:
+                continue
             log(f"# row {placeholder.number}: {placeholder.name} ...")
             t = time.perf_counter()
             try:

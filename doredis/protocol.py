@@ -327,17 +327,22 @@ class ChunkPart:
 # --- scripts ----------------------------------------------------------------------------------
 
 #: Stores a chunk's result once: KEYS = results, notify, meta, items, cursor, parts;
-#: ARGV = chunk, blob, ok, failed, ttl, parts (1: look for progressive parts). Returns 1 when
+#: ARGV = chunk, blob, ok, failed, ttl, parts (1: look for progressive parts), cursor (1: clear
+#: the chunk's cursor and drain marker: careful mode, or a worker draining). Returns 1 when
 #: stored, 0 when a result for that chunk was already there (a duplicate run), -1 when the run
 #: is gathered, cancelled, failed or expired (or its state is gone: the driver then submits the
 #: chunk again). The chunk's items, cursor,
 #: drain marker and progressive parts go with it; when the run has ended they go too (this
 #: delivery may have written parts or a cursor after the run ended), so nothing of an ended run
-#: is left or re-created.
+#: is left or re-created. The results hash and the notify list get the run TTL when the notify
+#: list is created (it is empty, so gone, whenever the driver has caught up: the results hash
+#: is only ever emptied by a driver that has caught up), not on every result.
 PUBLISH_RESULT = """
 local function drop_chunk_state()
   redis.call('HDEL', KEYS[4], ARGV[1])
-  redis.call('HDEL', KEYS[5], ARGV[1], ARGV[1] .. ':term')
+  if ARGV[7] == '1' then
+    redis.call('HDEL', KEYS[5], ARGV[1], ARGV[1] .. ':term')
+  end
   if ARGV[6] ~= '1' then
     return
   end
@@ -354,6 +359,7 @@ if state == false then
   return -1
 end
 if state == 'done' or state == 'cancelled' or state == 'failed' then
+  ARGV[7] = '1'
   drop_chunk_state()
   return -1
 end
@@ -361,26 +367,50 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return 0
 end
 drop_chunk_state()
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'done', ARGV[3])
-redis.call('HINCRBY', KEYS[3], 'failed', ARGV[4])
-local ttl = tonumber(ARGV[5])
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+if redis.call('RPUSH', KEYS[2], ARGV[1]) == 1 then
+  local ttl = tonumber(ARGV[5])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+if ARGV[3] ~= '0' then
+  redis.call('HINCRBY', KEYS[3], 'done', ARGV[3])
+end
+if ARGV[4] ~= '0' then
+  redis.call('HINCRBY', KEYS[3], 'failed', ARGV[4])
+end
 return 1
 """
 
+_scripts: dict[str, Any] = {}
+
+
+def script(conn, source: str):
+    """A Script for ``source``, made once per process (making one hashes the source); call it
+    with ``client=`` the connection to run it on."""
+    found = _scripts.get(source)
+    if found is None:
+        found = _scripts[source] = conn.register_script(source)
+    return found
+
 
 def publish_result(
-    conn, keys: RunKeys, chunk_no: int, blob: bytes, ok: int, failed: int, parts: bool = True
+    conn,
+    keys: RunKeys,
+    chunk_no: int,
+    blob: bytes,
+    ok: int,
+    failed: int,
+    parts: bool = True,
+    cursor: bool = True,
 ) -> int:
     """Run PUBLISH_RESULT for one chunk; see there for the return value. ``parts=False`` (the
     delivery neither found nor wrote progressive parts, the common case) skips looking for them:
-    parts another delivery may still write go with the run's keys when the run ends."""
-    script = conn.register_script(PUBLISH_RESULT)
-    return script(
+    parts another delivery may still write go with the run's keys when the run ends.
+    ``cursor=False`` (not careful mode, not draining) leaves the cursor hash alone."""
+    return script(conn, PUBLISH_RESULT)(
         keys=[keys.results, keys.notify, keys.meta, keys.items, keys.cursor, keys.parts],
-        args=[chunk_no, blob, ok, failed, run_ttl(), int(parts)],
+        args=[chunk_no, blob, ok, failed, run_ttl(), int(parts), int(cursor)],
+        client=conn,
     )
 
 
@@ -437,7 +467,7 @@ def update_meta(client, keys: RunKeys, fields: dict[str, str | int | float]) -> 
     pairs = [part for name, value in fields.items() for part in (name, value)]
     if not pairs:
         raise ValueError("update_meta needs at least one field")
-    return client.register_script(UPDATE_META)(keys=[keys.meta], args=pairs, client=client)
+    return script(client, UPDATE_META)(keys=[keys.meta], args=pairs, client=client)
 
 
 #: Job ids a queue pass handles per LPOP (and LRANGE) call.

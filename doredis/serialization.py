@@ -54,12 +54,14 @@ def seal(data: bytes) -> bytes:
     return _SIGNED + hmac.new(key, data, hashlib.sha256).digest() + data
 
 
-def unseal(blob: bytes, what: str = "payload") -> bytes:
-    """Check the envelope and return the pickled bytes inside, or raise SignatureError."""
+def unseal(blob: bytes, what: str = "payload") -> bytes | memoryview:
+    """Check the envelope and return the pickled bytes inside (a view of ``blob``), or raise
+    SignatureError."""
     key = _secret()
     head = bytes(blob[:4])
+    view = memoryview(blob)  # the pickle inside is not copied out of the envelope
     if head == _SIGNED:
-        mac, data = blob[4 : 4 + _MAC_LEN], blob[4 + _MAC_LEN :]
+        mac, data = blob[4 : 4 + _MAC_LEN], view[4 + _MAC_LEN :]
         if key is None:
             return data
         if not hmac.compare_digest(mac, hmac.new(key, data, hashlib.sha256).digest()):
@@ -70,7 +72,7 @@ def unseal(blob: bytes, what: str = "payload") -> bytes:
     if head == _UNSIGNED:
         if key is not None:
             raise _refuse(f"{what} is unsigned but DOREDIS_SECRET is set here; set it on the sender too")
-        return blob[4:]
+        return view[4:]
     raise _refuse(f"{what} is not a doredis payload (unknown header {head!r})")
 
 
@@ -80,8 +82,20 @@ def _refuse(reason: str) -> SignatureError:
 
 
 def dumps(obj: Any) -> bytes:
-    """cloudpickle ``obj`` (lambdas, closures and ``__main__`` functions included) and seal it."""
-    return seal(cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    """cloudpickle ``obj`` (lambdas, closures and ``__main__`` functions included) and seal it.
+
+    Same envelope as :func:`seal`, but the pickle is written after the header in one buffer and
+    signed in place: a result of a few MiB is not copied again to put the header in front."""
+    key = _secret()
+    buffer = io.BytesIO()
+    buffer.write(_SIGNED + bytes(_MAC_LEN) if key is not None else _UNSIGNED)
+    cloudpickle.dump(obj, buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    if key is not None:
+        with buffer.getbuffer() as view:
+            mac = hmac.new(key, view[4 + _MAC_LEN :], hashlib.sha256).digest()
+        buffer.seek(4)
+        buffer.write(mac)
+    return buffer.getvalue()  # shares the buffer's bytes when they fill it (no copy)
 
 
 def _by_reference(obj: Any) -> bool:

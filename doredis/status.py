@@ -53,8 +53,8 @@ def prune_runs_index(conn: redis.Redis, queue: str) -> int:
     """Drop the entries of ``queue``'s runs index older than the run TTL (their runs have expired)
     and give the index the TTL of its newest run (so an index nobody submits to any more expires
     too). Call it after adding an entry, and before reading the index. Returns entries removed."""
-    script = conn.register_script(protocol.PRUNE_RUNS)
-    return int(script(keys=[protocol.runs_key(queue)], args=[time.time(), protocol.run_ttl()]))
+    script = protocol.script(conn, protocol.PRUNE_RUNS)
+    return int(script(keys=[protocol.runs_key(queue)], args=[time.time(), protocol.run_ttl()], client=conn))
 
 
 def queue_status(conn: redis.Redis, queue: str) -> QueueStatus:

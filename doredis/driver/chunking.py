@@ -1,15 +1,25 @@
-"""Cutting the input into chunks, lazily, with an adaptive chunk size.
+"""Cutting the input into chunks, lazily, with chunk sizes that adapt to measured task durations.
 
-Small runs get one task per chunk, so every worker gets work and long tasks balance well.
-Large runs of tiny tasks get big chunks, so the per-chunk cost (an rq job, a few round trips)
-is paid rarely: the target is ``max(MIN_CHUNKS, CHUNKS_PER_WORKER * workers)`` chunks, each of
-at most ``MAX_CHUNK`` tasks. Input whose length is unknown (a generator) is read ahead up to
-``LOOKAHEAD`` items; beyond that the chunk size grows with the number of items seen.
+Like joblib's auto-batching: the first chunks are small (one task each, one per connected
+worker: the probe), and once workers report how long their tasks took (``ChunkResult.elapsed``),
+each chunk is sized as it is cut so that it takes about ``TARGET_SECONDS`` and its results take
+about ``TARGET_BYTES`` at most. So tiny tasks travel
+in few big chunks (the per-chunk cost, an rq job and a few round trips, is paid rarely), while
+slow tasks travel one per chunk. The tail is spread over every worker: a chunk holds at most a
+``1 / (CHUNKS_PER_WORKER x workers)`` share of the tasks not cut yet (guided scheduling, so later
+chunks shrink),
+unless that would make it shorter than ``MIN_SECONDS`` of work. A window of chunks is always
+queued ahead (:mod:`doredis.driver.source`), so a worker that joins mid-run finds work at once.
+
+Without measurements (no worker connected yet) the static rule applies: the target is
+``max(MIN_CHUNKS, CHUNKS_PER_WORKER * workers)`` chunks of at most ``MAX_CHUNK`` tasks.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
@@ -17,6 +27,17 @@ MIN_CHUNKS = 32
 CHUNKS_PER_WORKER = 4
 MAX_CHUNK = 20_000
 LOOKAHEAD = 4096
+#: A chunk is sized to take about this long on a worker, once task durations are measured
+#: (``DOREDIS_CHUNK_SECONDS``).
+TARGET_SECONDS = float(os.environ.get("DOREDIS_CHUNK_SECONDS", 0.5))
+#: A chunk's results are kept to about this many bytes (measured), so big results stream from
+#: several workers at once instead of travelling as one huge value.
+TARGET_BYTES = 4 << 20
+#: Spreading the tail over every worker never makes a chunk shorter than this much work.
+MIN_SECONDS = 0.05
+#: How long submit() waits for the probe chunks' durations before sizing the rest; tasks that
+#: take longer are assumed to take at least this long until measured.
+PROBE_WAIT = 0.05
 
 
 def adaptive_chunk_size(n: int, workers: int) -> int:
@@ -52,4 +73,105 @@ def iter_chunks(items: Iterable, chunk_size: int | None, workers: int) -> Iterat
         if not chunk:
             return
         seen += len(chunk)
+        yield chunk
+
+
+class ChunkSizer:
+    """Sizes each chunk as it is cut, from the task durations measured so far (thread-safe: the
+    gathering thread reports durations while a submitting thread cuts chunks)."""
+
+    def __init__(self, n: int | None, workers: int, fixed: int | None = None) -> None:
+        self.n = n  # the number of items, None while unknown
+        self.workers = workers
+        self.fixed = fixed
+        #: chunks of one task cut first, before anything is measured (none without workers)
+        probing = fixed is None and workers >= 1
+        self.probe_chunks = min(workers, n if n is not None else workers) if probing else 0
+        self._measured = threading.Condition()
+        self._tasks = 0
+        self._seconds = 0.0
+        self._bytes = 0
+        self._at_least: float | None = None  # a lower bound on a task's duration, before measurements
+
+    def observe(self, tasks: int, seconds: float, nbytes: int = 0) -> None:
+        """A chunk of ``tasks`` tasks ran in ``seconds`` on its worker; its results took ``nbytes``."""
+        if tasks <= 0:
+            return
+        with self._measured:
+            self._tasks += tasks
+            self._seconds += max(seconds, 0.0)
+            self._bytes += max(nbytes, 0)
+            self._measured.notify_all()
+
+    def measured(self) -> bool:
+        with self._measured:
+            return self._tasks > 0
+
+    def assume_at_least(self, seconds: float) -> None:
+        """Nothing was measured in ``seconds``: a task takes at least that long."""
+        with self._measured:
+            if self._tasks == 0:
+                self._at_least = max(self._at_least or 0.0, seconds)
+
+    def per_task(self) -> float | None:
+        """The mean measured duration of a task, None before any measurement."""
+        with self._measured:
+            return self._seconds / self._tasks if self._tasks else None
+
+    def wants_probe_result(self, chunks_cut: int) -> bool:
+        """Should the next chunk wait for the probe's measurements?"""
+        with self._measured:
+            unknown = self._tasks == 0 and self._at_least is None
+        return self.probe_chunks > 0 and chunks_cut >= self.probe_chunks and unknown
+
+    def size(self, tasks_cut: int, chunks_cut: int) -> int:
+        """How many tasks the next chunk holds, ``tasks_cut`` tasks in ``chunks_cut`` chunks being cut."""
+        if self.fixed is not None:
+            return self.fixed
+        if chunks_cut < self.probe_chunks:
+            return 1
+        workers = max(self.workers, 1)
+        remaining = None if self.n is None else max(self.n - tasks_cut, 1)
+        per = self.per_task()
+        if per is None and self._at_least is not None:
+            return 1  # slower than the probe wait: one task per chunk until measured
+        if per is None:  # nothing to go by yet (no worker connected): the static rule
+            seen = self.n if self.n is not None else max(tasks_cut, LOOKAHEAD)
+            return adaptive_chunk_size(seen, workers)
+        per = max(per, 1e-9)
+        with self._measured:
+            per_bytes = self._bytes / self._tasks if self._tasks else 0
+        by_time = TARGET_SECONDS / per
+        if per_bytes:
+            by_time = min(by_time, TARGET_BYTES / per_bytes)
+        floor = MIN_SECONDS / per
+        spread = math.ceil(remaining / (CHUNKS_PER_WORKER * workers)) if remaining is not None else MAX_CHUNK
+        return int(max(1, min(MAX_CHUNK, by_time, max(spread, min(floor, by_time)))))
+
+
+def cut_chunks(items: Iterable, sizer: ChunkSizer) -> Iterator[list]:
+    """Yield lists of consecutive items, each as long as ``sizer`` says when it is cut; consumes
+    ``items`` lazily. An input without a length is read ahead up to ``LOOKAHEAD`` items: one that
+    ends there has a known length."""
+    iterator = iter(items)
+    head: list = []
+    if sizer.n is None:
+        try:
+            sizer.n = len(items)  # type: ignore[arg-type]
+        except TypeError:
+            if sizer.fixed is None:  # a fixed size needs no length: read nothing ahead
+                head = list(islice(iterator, LOOKAHEAD))
+                if len(head) < LOOKAHEAD:
+                    sizer.n = len(head)
+    tasks = chunks = 0
+    while True:
+        size = sizer.size(tasks, chunks)
+        chunk = head[:size]
+        del head[:size]
+        if len(chunk) < size:
+            chunk.extend(islice(iterator, size - len(chunk)))
+        if not chunk:
+            return
+        tasks += len(chunk)
+        chunks += 1
         yield chunk

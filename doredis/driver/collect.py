@@ -18,8 +18,13 @@ class Collector:
     the task's place. With ``reduce``, chunk values are folded instead (see ``reduced``).
     """
 
-    def __init__(self, options: RunOptions, reduce=None) -> None:
+    def __init__(self, options: RunOptions, reduce=None, *, in_order_before_failure: bool = False) -> None:
         self.options = options
+        #: ``errors="raise"``, ordered: a failing chunk that is next in order first gives the values
+        #: of its tasks before the failure (the next ``add``, or ``raise_pending``, raises), so an
+        #: iterator yields everything before the failing task, whatever the chunk sizes.
+        self.in_order_before_failure = in_order_before_failure
+        self._pending_error: TaskError | None = None
         self.reduce = reduce if reduce is not None else options.reduce
         self.seen: set[int] = set()
         self.tasks_done = 0
@@ -30,6 +35,7 @@ class Collector:
         self._acc: list[Any] = []
 
     def add(self, result: ChunkResult) -> list[Any]:
+        self.raise_pending()
         if result.chunk_no in self.seen:
             return []  # a late duplicate of a chunk that ran twice
         self.seen.add(result.chunk_no)
@@ -38,7 +44,12 @@ class Collector:
         self.workers[result.worker] = self.workers.get(result.worker, 0) + result.count
         if result.failures and self.options.errors == "raise":
             first = min(result.failures)
-            raise TaskError.from_failure(result.failures[first])
+            error = TaskError.from_failure(result.failures[first])
+            in_order = self.options.ordered and result.chunk_no == self._next_chunk
+            if self.in_order_before_failure and in_order and self.reduce is None:
+                self._pending_error = error
+                return self._before_failure(result) + result.values[: first - result.start]
+            raise error
         if not self.options.ordered:
             return self._release(result)
         self._pending[result.chunk_no] = result
@@ -76,6 +87,16 @@ class Collector:
 
     def end(self) -> list[Any]:
         """Every chunk is in: what is left to release (a resumed run's stored results)."""
+        return []
+
+    def raise_pending(self) -> None:
+        """Raise the failure whose chunk gave its values before it (``in_order_before_failure``)."""
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+
+    def _before_failure(self, result: ChunkResult) -> list[Any]:
+        """What to release ahead of the values a failing chunk gives before its failure."""
         return []
 
     @property

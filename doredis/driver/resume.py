@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..protocol import ChunkResult
 from .checkpoint import CheckpointStore, StoredChunk, function_fingerprint, items_fingerprint
-from .chunking import adaptive_chunk_size
+from .chunking import ChunkSizer
 from .collect import Collector
 from .options import RunOptions
 
@@ -99,18 +99,24 @@ class Resume:
                 i += 1
             yield lo, i
 
-    def chunks(self, chunk_size: int | None, workers: int) -> Iterator[Chunk]:
-        """The missing items cut into chunks (adaptive size over the missing count by default)."""
-        size = chunk_size or adaptive_chunk_size(self.total - self.resumed, workers)
+    def chunks(self, sizer: ChunkSizer) -> Iterator[Chunk]:
+        """The missing items cut into chunks, each as long as ``sizer`` says when it is cut (as a
+        plain run's: :mod:`doredis.driver.chunking`), and none across a stored range."""
+        sizer.n = self.total - self.resumed
+        tasks = cut = 0
         for lo, hi in self.missing():
-            for start in range(lo, hi, size):
-                chunk = Chunk(self.items[start : min(start + size, hi)])
+            start = lo
+            while start < hi:
+                chunk = Chunk(self.items[start : min(start + sizer.size(tasks, cut), hi)])
                 chunk.start = start
+                start += len(chunk)
+                tasks += len(chunk)
+                cut += 1
                 yield chunk
 
     # -- gathering ----------------------------------------------------------------------------------
-    def collector(self, options: RunOptions, reduce=None) -> Collector:
-        return ResumingCollector(self, options, reduce)
+    def collector(self, options: RunOptions, reduce=None, **kwargs: Any) -> Collector:
+        return ResumingCollector(self, options, reduce, **kwargs)
 
     def record(self, result: ChunkResult) -> None:
         """Store a gathered chunk's results; its failed tasks stay missing (tried again on resume)."""
@@ -153,8 +159,8 @@ class Resume:
 class ResumingCollector(Collector):
     """A Collector that records every new chunk and puts the stored results in their places."""
 
-    def __init__(self, resume: Resume, options: RunOptions, reduce=None) -> None:
-        super().__init__(options, reduce)
+    def __init__(self, resume: Resume, options: RunOptions, reduce=None, **kwargs: Any) -> None:
+        super().__init__(options, reduce, **kwargs)
         self.resume = resume
         self._next_index = 0  # items before this one have been released (or folded)
 
@@ -183,6 +189,9 @@ class ResumingCollector(Collector):
             else:
                 self._acc.append(value)
         return []
+
+    def _before_failure(self, result: ChunkResult) -> list[Any]:
+        return self._stored_up_to(result.start) if self.options.ordered else []
 
     def end(self) -> list[Any]:
         """Every submitted chunk is in: the stored results after the last one."""

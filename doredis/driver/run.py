@@ -28,6 +28,9 @@ WAIT_SLICE = 1.0
 #: While results keep arriving, the run's health is still checked this often (a failover can
 #: lose a few chunks while the others go on).
 HEALTH_INTERVAL = 10.0
+#: How often the gather loop looks for a cancel by another process while results keep arriving
+#: (a blocked wait for results looks at least once per WAIT_SLICE).
+CANCEL_CHECK_INTERVAL = 0.25
 _BATCH = 256
 #: Chunks checked per round trip by the health check.
 _CHECK_BATCH = 1000
@@ -185,14 +188,17 @@ class Run:
 
     def _collector(self) -> Collector:
         if self.checkpoint is not None:
-            return self.checkpoint.collector(self.options, self._reduce)
-        return Collector(self.options, self._reduce)
+            return self.checkpoint.collector(self.options, self._reduce, in_order_before_failure=True)
+        return Collector(self.options, self._reduce, in_order_before_failure=True)
 
     def _iterate(self, collector: Collector, deadline: float | None = None) -> Iterator[list[Any]]:
         """Lists of task values, as they become ready."""
         resumed = self.checkpoint.resumed if self.checkpoint is not None else 0
         bar = self._bar = ProgressBar(wanted(self.options.progress), None, self.id, resumed)  # outages too
-        bar.set_total(self._redis(self.progress)[2])
+        if self.source is not None:  # the submitting driver knows (no round trip)
+            bar.set_total(self.source.total + resumed if self.source.finished else None)
+        else:
+            bar.set_total(self._redis(self.progress)[2])
         finished = False
         try:
             for result in self._chunk_results(deadline):
@@ -208,6 +214,7 @@ class Run:
                     if bar.bar.total is None and self.source.finished:
                         bar.set_total(self.source.total + resumed)  # a streamed run's size is known at last
                 yield ready
+                collector.raise_pending()  # a failing chunk gave the values before its failure
             yield collector.end()
             finished = True
         except RedisOutage:
@@ -238,8 +245,11 @@ class Run:
         except redis.RedisError as error:
             log.warning("could not cancel run %s: %s", self.id, error)
 
+    _ended_here = False  # this Run gathered the run to its end
+
     def _finish(self, collector: Collector) -> None:
         """All results are in: free their memory in Redis, keep the summary for ``status``."""
+        self._ended_here = True
         with self.conn.pipeline() as pipe:
             pipe.delete(*self.keys.all_but(self.keys.meta))
             pipe.hset(self.keys.meta, "state", protocol.DONE)
@@ -269,20 +279,33 @@ class Run:
 
     def _chunk_results(self, deadline: float | None = None) -> Iterator[ChunkResult]:
         """Every chunk result once, as they land: first what is stored already (attach), then BLPOP."""
-        if self._redis(self.conn.hget, self.keys.meta, "state") == protocol.DONE.encode():
+        if self._ended_here or (
+            self.source is None
+            and self._redis(self.conn.hget, self.keys.meta, "state") == protocol.DONE.encode()
+        ):
             raise RuntimeError(f"run {self.id} was already gathered to the end; its results left Redis then")
         seen: set[int] = set()
-        stored = [int(c) for c in self._redis(self.conn.hkeys, self.keys.results)]
-        yield from self._fetch(stored, seen)
+        if self.source is not None:  # a fresh run: what landed so far is notified (or taken early)
+            while self.source.early:
+                chunk_no = self.source.early[0][0]
+                seen.add(chunk_no)
+                self.source.forget(chunk_no)
+                yield self._early_result(self.source.early.pop(0))  # no local keeps it (bpo-14406)
+        else:
+            stored = [int(c) for c in self._redis(self.conn.hkeys, self.keys.results)]
+            yield from self._fetch(stored, seen)
         last_check = time.monotonic()
+        last_cancel_check = float("-inf")
         while True:
             chunks = self._chunks()
             if chunks is not None and len(seen) >= chunks:
                 return
             if self.source is not None and self.source.error is not None:
                 raise self.source.error  # the background submission failed (an unpicklable item, ...)
-            if self._redis(self.conn.exists, self.keys.cancel):
-                raise RunCancelled(f"run {self.id} was cancelled")
+            if time.monotonic() - last_cancel_check >= CANCEL_CHECK_INTERVAL:
+                last_cancel_check = time.monotonic()  # a command per wake-up is a third of the driver's
+                if self._redis(self.conn.exists, self.keys.cancel):
+                    raise RunCancelled(f"run {self.id} was cancelled")
             wait = WAIT_SLICE
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
@@ -309,9 +332,23 @@ class Run:
             if blob is None:
                 continue
             seen.add(chunk_no)
-            if self.source is not None:
-                self.source.forget(chunk_no)
-            yield serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
+            yield self._loaded(chunk_no, blob)  # no local keeps it (bpo-14406)
+
+    def _loaded(self, chunk_no: int, blob: bytes) -> ChunkResult:
+        """A chunk's result, unpickled; its measured durations size the chunks cut next."""
+        result = serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
+        if self.source is not None:
+            self.source.forget(chunk_no)
+            self.source.observed(result.count, result.elapsed, len(blob))
+        return result
+
+    def _early_result(self, early: tuple[int, bytes, ChunkResult | None]) -> ChunkResult:
+        """A result the submitter took while it waited for the probe (unpickled here if it could
+        not be there, so that its error is raised by the gather, as any result's)."""
+        chunk_no, blob, result = early
+        if result is not None:
+            return result
+        return serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
 
     def _take_results(self, chunk_nos: list[int]) -> list[bytes | None]:
         """The stored results of these chunks. A streaming run (longer than its window) frees them

@@ -19,7 +19,7 @@ from ..outage import Outage
 from ..protocol import RunKeys
 from ..serialization import RQSerializer
 from ..status import connected_workers, prune_runs_index
-from .chunking import iter_chunks
+from .chunking import PROBE_WAIT, ChunkSizer, cut_chunks
 from .options import RunOptions
 from .resume import Resume
 from .run import Run, remove_queued_chunks
@@ -90,11 +90,8 @@ def submit_run(
     run_id = protocol.new_run_id()
     redis_outage = Outage(connection.describe(conn), log, outage.tolerance())
     workers = redis_outage.call(connected_workers, conn, options.queue)
-    chunks = (
-        checkpoint.chunks(options.chunk_size, workers)
-        if checkpoint is not None
-        else iter_chunks(items, options.chunk_size, workers)
-    )
+    sizer = ChunkSizer(None, workers, options.chunk_size)
+    chunks = checkpoint.chunks(sizer) if checkpoint is not None else cut_chunks(items, sizer)
     first = next(chunks, None)
     code, first_blob = code_to_ship(options, referenced, first)
     meta = {
@@ -119,6 +116,7 @@ def submit_run(
         window_size(workers),
         code_blob=serialization.seal(code.blob) if code is not None else None,
     )
+    source.sizer = sizer
     if first is not None:
         chunks = itertools.chain([first], chunks)
 
@@ -128,6 +126,8 @@ def submit_run(
             pipe.execute()
 
     redis_outage.call(store_run)
+    # (not in that pipeline: redis-py sends SCRIPT EXISTS first for a pipeline with a script, a
+    # round trip of its own and a command the README's ACL does not grant)
     redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
     submitter = _Submitter(conn, source, chunks, redis_outage, first_blob)
     try:
@@ -207,6 +207,10 @@ class _Submitter:
                 batch = []
                 if not self.source.wait_for_room(self.chunk_no):
                     break
+            if self.source.sizer.wants_probe_result(self.chunk_no):
+                self._flush(batch)  # the probe goes out; its measured durations size the rest
+                batch = []
+                self._await_probe()
             chunk = self._next_chunk()
             if chunk is None:
                 break
@@ -224,6 +228,33 @@ class _Submitter:
                 batch = []
                 self._flush_at = min(_MAX_BATCH, self._flush_at * 2)
         self._flush(batch)
+
+    def _await_probe(self) -> None:
+        """Wait up to PROBE_WAIT for the probe chunks' results and measure them (they are kept for
+        the gather); tasks still running by then take at least that long."""
+        sizer = self.source.sizer
+        deadline = time.monotonic() + PROBE_WAIT
+        keys = self.source.keys
+        while not sizer.measured() and (wait := deadline - time.monotonic()) > 0.001:
+            popped = self.outage.call(self.conn.blpop, [keys.notify], timeout=wait)
+            if popped is None:
+                break
+            chunk_nos = [int(popped[1])]
+            more = self.outage.call(self.conn.lpop, keys.notify, 64)
+            chunk_nos += [int(c) for c in more or ()]
+            blobs = self.outage.call(self.conn.hmget, keys.results, chunk_nos)
+            for chunk_no, blob in zip(chunk_nos, blobs, strict=True):
+                if blob is None:
+                    continue
+                try:
+                    result = serialization.loads(blob, f"result of chunk {chunk_no} of run {keys.run_id}")
+                except Exception:  # the gather unpickles it again, and raises there
+                    result = None
+                else:
+                    sizer.observe(result.count, result.elapsed, len(blob))
+                self.source.early.append((chunk_no, blob, result))
+        if not sizer.measured():
+            sizer.assume_at_least(PROBE_WAIT)
 
     def _flush(self, batch: list[int]) -> None:
         if batch:

@@ -13,7 +13,7 @@ from rq import Retry, get_current_job, worker_registration
 
 from .. import outage, protocol, serialization, taskrun, versions
 from ..protocol import ERROR, ChunkPart, ChunkResult, RunKeys, RunSpec, TaskFailure
-from . import code, metrics, state
+from . import code, metrics, state, stats
 
 log = logging.getLogger("doredis.worker")
 
@@ -57,11 +57,12 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
     )
 
     found = retrying(_read_state, conn, keys, chunk_no)
-    if found.cancelled:
-        log.info("run %s is cancelled or gone; chunk %d dropped", run_id, chunk_no)
-        return None
-    if found.items is None:  # its result was stored by an earlier delivery, which dropped the items
-        log.info("chunk %d of run %s already has a result; this delivery is dropped", chunk_no, run_id)
+    if found.items is None:  # a stored result, or an ended run, dropped the chunk's items
+        log.info(
+            "chunk %d of run %s already has a result, or its run ended; this delivery is dropped",
+            chunk_no,
+            run_id,
+        )
         return None
 
     items = None
@@ -132,8 +133,9 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
         back = _hand_back(conn, keys, whole, done, retrying)
         _count_delivery(whole.failures, start + done.count, whole.count - done.count)
         return back
+    cursor = on_task_start is not None or state.drain_deadline() is not None  # a cursor to clear?
     stored = retrying(
-        _publish, conn, keys, whole, worker, items, spec, bool(done.offsets)
+        _publish, conn, keys, whole, worker, items, spec, bool(done.offsets), cursor
     )  # folds a reduce run's values
     _count_delivery(stored, start + done.count, whole.count - done.count)
     return None
@@ -172,7 +174,6 @@ def _record_in_hand(conn: redis.Redis, keys: RunKeys, chunk_no: int, index: int)
 class _Found:
     """What a delivery finds in Redis before it starts."""
 
-    cancelled: bool  # the run is cancelled or gone
     cursor: int | None  # the task a dead careful-mode delivery had in hand
     draining: bool  # a delivery died while draining after a stop signal
     items: bytes | None  # the chunk's sealed items (None: its result is stored)
@@ -180,15 +181,16 @@ class _Found:
 
 
 def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int) -> _Found:
+    """One round trip, three commands. A run that ended (gathered, cancelled, failed, purged) or
+    expired has no items left (END_RUN and the gather's end delete them with its data), like a
+    chunk whose result is stored: either way this delivery has nothing to do."""
     with conn.pipeline(transaction=False) as pipe:
-        pipe.exists(keys.cancel)
-        pipe.exists(keys.meta)
-        pipe.hmget(keys.cursor, [chunk_no, protocol.term_field(chunk_no)])
         pipe.hget(keys.items, chunk_no)
+        pipe.hmget(keys.cursor, [chunk_no, protocol.term_field(chunk_no)])
         pipe.hget(keys.parts, chunk_no)
-        cancel, meta, (cursor, term), items, parts = pipe.execute()
+        items, (cursor, term), parts = pipe.execute()
     cursor = int(cursor) if cursor is not None else None
-    return _Found(bool(cancel) or not meta, cursor, term is not None, items, parts)
+    return _Found(cursor, term is not None, items, parts)
 
 
 class _Parts:
@@ -493,9 +495,11 @@ def _publish(
     items=None,
     spec: RunSpec | None = None,
     parts: bool = True,
+    cursor: bool = True,
 ) -> dict[int, TaskFailure]:
-    """Store the chunk's result once (``parts``: progressive parts may exist to clear with it).
-    Returns the failures stored (a result too large for Redis fails every task)."""
+    """Store the chunk's result once (``parts``: progressive parts may exist to clear with it;
+    ``cursor``: a cursor or drain marker may exist to clear with it). Returns the failures stored
+    (a result too large for Redis fails every task)."""
     blob = taskrun.seal_result(result, items, spec)  # a task whose value does not pickle fails alone
     limit = state.max_value_bytes()
     if len(blob) > limit:
@@ -508,7 +512,7 @@ def _publish(
     failed = len(result.failures)
     try:
         stored = protocol.publish_result(
-            conn, keys, result.chunk_no, blob, result.count - failed, failed, parts
+            conn, keys, result.chunk_no, blob, result.count - failed, failed, parts, cursor
         )
     except redis.ResponseError as exc:
         if outage.is_outage(exc):  # a replica being promoted, a server loading its data
@@ -519,9 +523,9 @@ def _publish(
         result = small  # what is stored
         failed = len(small.failures)
         stored = protocol.publish_result(
-            conn, keys, result.chunk_no, serialization.dumps(small), 0, failed, parts
+            conn, keys, result.chunk_no, serialization.dumps(small), 0, failed, parts, cursor
         )
-    _count_in_stats(conn, worker, result.count, failed)
+    stats.add(worker, result.count, failed)  # written with rq's end-of-chunk bookkeeping (stats.py)
     if stored == 0:
         log.info(
             "chunk %d of run %s already had a result; this duplicate was dropped",
@@ -535,22 +539,6 @@ def _publish(
             result.chunk_no,
         )
     return result.failures
-
-
-def _count_in_stats(conn: redis.Redis, worker: str, tasks: int, failed: int) -> None:
-    """Add a chunk to the worker's counters for ``doredis status`` (skipped during an outage)."""
-    stats = protocol.worker_stats_key(worker)
-    try:
-        with conn.pipeline(transaction=False) as pipe:
-            pipe.hincrby(stats, "chunks", 1)
-            pipe.hincrby(stats, "tasks", tasks)
-            pipe.hincrby(stats, "failures", failed)
-            pipe.expire(stats, protocol.run_ttl())
-            pipe.execute()
-    except Exception as exc:
-        if not outage.is_outage(exc):
-            raise
-        log.info("worker counters not updated (%s)", exc)
 
 
 def _all_failed(result: ChunkResult, items, exc_type: str, reason: str) -> ChunkResult:

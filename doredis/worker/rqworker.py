@@ -17,19 +17,24 @@ import threading
 import time
 
 import redis
-from rq import worker_registration
+from rq import Retry, worker_registration
 from rq.exceptions import DeserializationError
+from rq.executions import Execution
+from rq.job import JobStatus
 from rq.utils import now as utcnow
-from rq.worker import SimpleWorker, Worker
+from rq.worker import SimpleWorker, Worker, WorkerStatus
 
 from .. import outage, protocol, recovery, serverinfo, taskrun, versions
 from ..serialization import RQSerializer
-from . import guard, metrics, state
+from . import guard, metrics, state, stats
 
 log = logging.getLogger("doredis.worker")
 #: rq's own per-job chatter (three lines a chunk) goes here, shown at DEBUG level only.
 rq_log = logging.getLogger("doredis.worker.rq")
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: ``rq suspend`` is noticed within this many seconds (rq checks before every job: a round trip
+#: and six commands per chunk).
+SUSPENSION_CHECK_INTERVAL = 1.0
 #: Sent by the heartbeat thread to the process running the tasks when the drain deadline passes.
 DRAIN_SIGNAL = signal.SIGUSR1
 
@@ -53,6 +58,7 @@ class _DoredisMixin:
         self.queue_drained = False  # rq's loop ended because the queue was empty (burst) or idle
         self.stop_signalled = False  # SIGTERM/SIGINT: rq's loop ended (or will) on request
         self.completed = 0
+        self._suspension_checked = float("-inf")
         state.set_worker_name(self.name)
         os.register_at_fork(after_in_child=self._after_fork_in_child)
 
@@ -79,30 +85,103 @@ class _DoredisMixin:
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return protocol.HEARTBEAT_TTL
 
-    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
-        """Refuse a job that is not a doredis chunk before anything of it is imported or run
-        (:mod:`doredis.worker.guard`); rq then records it failed, like any failed job."""
-        refused = guard.refusal(job)
-        if refused is None:
-            return super().prepare_job_execution(job, remove_from_intermediate_queue)
-        guard.disarm(job)
-        log.error("Worker %s: %s", self.name, refused)
-        try:  # rq's bookkeeping (started, off the intermediate queue); it reads the job's data again
-            super().prepare_job_execution(job, remove_from_intermediate_queue)
-        except DeserializationError:
-            pass
-        raise refused
+    # -- a chunk's rq bookkeeping: what rq writes, in one round trip at each end -------------------
+    # rq spends about 50 commands and 9 round trips on a job's bookkeeping; a chunk needs what rq's
+    # tooling reads (the worker busy on the job, the job started, in the started registry, with
+    # an execution that the heartbeat keeps alive; then all of it gone) and what the abandoned-
+    # chunk sweep needs (the started registry entry, the job's status and retries). These hooks
+    # write exactly that, with no MULTI (a pipeline is one write; a worker that dies half-way is
+    # what the sweep is for).
+
+    def set_state(self, state: str, pipeline=None):
+        """rq sets the worker idle two or three times per job; write it when it changes."""
+        if pipeline is None and state == self.get_state():
+            return
+        super().set_state(state, pipeline)
+
+    def check_for_suspension(self, burst: bool):
+        now = time.monotonic()
+        if now - self._suspension_checked < SUSPENSION_CHECK_INTERVAL:
+            return
+        self._suspension_checked = now
+        super().check_for_suspension(burst)
 
     def prepare_execution(self, job):
-        execution = super().prepare_execution(job)
+        """rq's prepare_execution and prepare_job_execution (the latter then does nothing), in one
+        round trip."""
+        ttl = self.get_heartbeat_ttl(job)
+        with self.connection.pipeline(transaction=False) as pipe:
+            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+            self.executions[execution.id] = execution
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            job.prepare_for_execution(self.name, pipeline=pipe)
+            if len(self.queues) == 1:
+                pipe.lrem(self.queues[0].intermediate_queue_key, 1, job.id)
+            pipe.execute()
+        job._doredis_prepared = True
         with self._beat_lock:
             self._in_hand = (job, execution)
         return execution
 
+    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
+        """Refuse a job that is not a doredis chunk before anything of it is imported or run
+        (:mod:`doredis.worker.guard`); rq then records it failed, like any failed job. rq's own
+        bookkeeping was written by prepare_execution already (the job keeps its TTL: it ends with
+        its run's keys)."""
+        refused = guard.refusal(job)
+        if refused is not None:
+            guard.disarm(job)
+            log.error("Worker %s: %s", self.name, refused)
+        if not getattr(job, "_doredis_prepared", False):
+            try:  # rq's bookkeeping (started, off the intermediate queue); it reads the job's data again
+                super().prepare_job_execution(job, remove_from_intermediate_queue)
+            except DeserializationError:
+                if refused is None:
+                    raise
+        if refused is not None:
+            raise refused
+
     def handle_execution_ended(self, job, queue, heartbeat_ttl):
         with self._beat_lock:
             self._in_hand = None
-        super().handle_execution_ended(job, queue, heartbeat_ttl)
+        job.ended_at = utcnow()  # rq also heartbeats the job here: it is about to end anyway
+
+    def _finalize_success(self, job, queue, execution, return_value) -> None:
+        """A chunk that returned: rq's success bookkeeping for a job with ``result_ttl=0``, no
+        dependents, callbacks or webhooks (doredis's chunks), in one round trip; anything else
+        (a hand-back's Retry, another job) goes through rq."""
+        plain = (
+            not isinstance(return_value, Retry)
+            and job.get_result_ttl(self.default_result_ttl) == 0
+            and not job.repeats_left
+            and job.success_callback is None
+            and not job.webhooks
+        )
+        if not plain:
+            super()._finalize_success(job, queue, execution, return_value)
+            return
+        self.handle_execution_ended(job, queue, job.success_callback_timeout)
+        job._status = JobStatus.FINISHED
+        working = (job.ended_at - job.started_at).total_seconds() if job.started_at else 0.0
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self.key, "successful_job_count", 1)
+            pipe.hincrbyfloat(self.key, "total_working_time", working)
+            pipe.zrem(job.started_job_registry.key, execution.composite_key)
+            pipe.srem(execution.worker_executions_key, execution.composite_key)
+            pipe.delete(
+                execution.key, job.execution_registry.key, job.key, job.dependents_key, job.dependencies_key
+            )
+            # Idle in Redis with the rest, but busy here until it is written: a stop signal that
+            # arrives meanwhile must wait for the chunk's end (rq's _shutdown), not interrupt it.
+            pipe.hset(self.key, "state", WorkerStatus.IDLE)
+            if not self.is_horse:  # a --fork chunk's process adds its counts as it exits
+                stats.write_totals(pipe)  # doredis's counters, with no round trip of their own
+            pipe.execute()
+        self._state = WorkerStatus.IDLE  # what rq's set_state keeps (written above)
+        self.executions.pop(execution.id, None)
+        self.successful_job_count += 1
+        self.total_working_time += working
+        rq_log.info("Worker %s: %s: Job OK (%s)", self.name, job.origin, job.id)
 
     def execute_job(self, job, queue):
         try:
@@ -137,6 +216,7 @@ class _DoredisMixin:
                 if in_hand is not None and state.drain_deadline() is not None:
                     self._drain(in_hand[0])
                 now = time.monotonic()
+                stats.flush_totals(self.connection)  # after a failed chunk, or an outage
                 if now - last_sweep >= protocol.SWEEP_INTERVAL:
                     last_sweep = now
                     self._stay_registered()
@@ -210,6 +290,10 @@ class _DoredisMixin:
         self._beat_stop.set()
         state.beats_stopped()
         try:
+            stats.flush_totals(self.connection)
+        except redis.RedisError as exc:
+            log.info("Worker %s: could not write its counters (%s)", self.name, exc)
+        try:
             super().teardown()
         except redis.RedisError as exc:  # an outage: rq's registration expires by itself
             log.info("Worker %s: could not unregister (%s)", self.name, exc)
@@ -263,3 +347,12 @@ class DoredisWorker(_DoredisMixin, SimpleWorker):
 
 class ForkingDoredisWorker(_DoredisMixin, Worker):
     """Forks a fresh process per chunk (``--fork``): isolation at the cost of re-loading the function."""
+
+    def perform_job(self, job, queue, execution) -> bool:
+        try:
+            return super().perform_job(job, queue, execution)
+        finally:  # in the chunk's own process: its counters go before it exits
+            try:
+                stats.flush_increments(self.connection)
+            except redis.RedisError as exc:
+                log.info("Worker %s: could not write its counters (%s)", self.name, exc)

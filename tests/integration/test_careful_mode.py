@@ -14,7 +14,7 @@ CHUNK, START, COUNT = 0, 10, 2  # chunk 0 holds tasks 10 and 11
 
 def _next_delivery(conn: redis.Redis, keys: RunKeys, cursor: int | None = None, draining: bool = False):
     """What a careful delivery decides after the previous delivery died with ``cursor`` in hand."""
-    return _lost_tasks(conn, keys, CHUNK, START, COUNT, _Found(False, cursor, draining, b""))
+    return _lost_tasks(conn, keys, CHUNK, START, COUNT, _Found(cursor, draining, b""))
 
 
 def test_a_death_with_no_task_recorded_blames_nobody(conn):

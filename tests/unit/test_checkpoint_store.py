@@ -15,6 +15,7 @@ from helpers import wait_until
 
 from doredis import CheckpointError
 from doredis.driver.checkpoint import CheckpointStore, describe, function_fingerprint, items_fingerprint
+from doredis.driver.chunking import ChunkSizer
 from doredis.driver.options import RunOptions
 from doredis.driver.resume import Resume
 
@@ -74,7 +75,7 @@ def test_resume_cuts_only_missing_ranges_under_their_own_indices(tmp_path):
     try:
         assert again.resumed == 3
         assert list(again.missing()) == [(0, 2), (4, 5), (6, 10)]
-        chunks = [(c.start, list(c)) for c in again.chunks(3, 2)]
+        chunks = [(c.start, list(c)) for c in again.chunks(ChunkSizer(None, 2, fixed=3))]
         assert chunks == [(0, [0, 1]), (4, [4]), (6, [6, 7, 8]), (9, [9])]
         assert again.stored_values(0, 10) == [4, 9, 25]
     finally:

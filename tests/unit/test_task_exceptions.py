@@ -187,8 +187,8 @@ def test_seal_result_fails_only_the_unpicklable_value():
 
 def test_seal_result_pickles_each_value_only_when_the_chunk_does_not_pickle(monkeypatch):
     calls = []
-    real = taskrun.cloudpickle.dumps
-    monkeypatch.setattr(taskrun.cloudpickle, "dumps", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = taskrun.cloudpickle.dump  # serialization.dumps pickles into its envelope's buffer
+    monkeypatch.setattr(taskrun.cloudpickle, "dump", lambda *a, **k: calls.append(a) or real(*a, **k))
     result = taskrun.run_tasks(RunSpec(abs), range(50), 0, 0, "w")
     serialization.loads(taskrun.seal_result(result, list(range(50)), RunSpec(abs)))
     assert len(calls) == 1, "the fast path pickles the chunk once"
