@@ -174,16 +174,23 @@ def test_every_dashboard_page_loads_while_chunks_run(
         assert conn.get(run.keys.spec).startswith(b"DR1s")
         assert all(v.startswith(b"DR1s") for v in conn.hvals(run.keys.items))
 
+        seen: list = []
+
         def queue_row(d):
             for row in _rows(d, "#queues tr[data-role=queue]"):
                 cells = ["".join(td.text.split()) for td in row.find_elements("css selector", "td")]
                 if cells[0] == queue:  # (a long name wraps in its cell)
-                    return cells
+                    seen[:] = [cells]
+                    # name, queued, deferred, scheduled, started, finished, failed, canceled
+                    return (cells[1], cells[4], cells[6]) == ("4", "2", "1") and cells
             return None
 
-        cells = _page(browser, f"{base}/0/view/queues", queue_row, "the queue's row", shots, "queues")
-        # name, queued, deferred, scheduled, started, finished, failed, canceled
-        assert (cells[1], cells[4], cells[6]) == ("4", "2", "1"), cells
+        try:
+            _page(browser, f"{base}/0/view/queues", queue_row, "the queue's row", shots, "queues")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the row last shown: {seen}; in Redis: queued "
+                                 f"{rq_queue.count}, started {rq_queue.started_job_registry.count}, "
+                                 f"failed {rq_queue.failed_job_registry.count}") from None
 
         def worker_rows(d):
             # The page lists every worker on the server: other tests' may be there too.
