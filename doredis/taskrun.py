@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 import cloudpickle
@@ -251,22 +252,8 @@ def run_tasks(
     _interruptible = True
     try:
         if simple:
-            append = values.append
-            for offset, item in enumerate(items):
-                try:
-                    append(fn(item))
-                except BaseException as exc:
-                    if not isinstance(exc, Exception) and not _is_task_exception(exc):
-                        raise
-                    append(None)
-                    failures[start + offset] = failure_from_exception(
-                        start + offset, item, exc, worker, 1, fn
-                    )
-                    if spec.stop_on_error:
-                        break
-                if clock() >= due:
-                    _report_progress(on_progress, values, failures)
-                    due = clock() + progress_interval
+            _run_simple(fn, items, start, worker, values, failures, spec.stop_on_error, on_progress,
+                        progress_interval, due)
         else:
             with _TaskTimer(spec.timeout) as timer:
                 for offset, item in enumerate(items):
@@ -308,6 +295,47 @@ def run_tasks(
         fold_values(spec, result, items)
     result.elapsed = time.perf_counter() - began
     return result
+
+
+#: The simple loop looks at the clock (progressive results) once per block of tasks: a block
+#: doubles, up to this many tasks, while it takes under ``_QUICK_BLOCK`` seconds, and is one task
+#: again once one takes longer; so tiny tasks cost little more than the call, and slow ones are
+#: reported as promptly as by a look after every task.
+_MAX_BLOCK = 4096
+_QUICK_BLOCK = 0.002
+
+
+def _run_simple(
+    fn, items: Sequence, start: int, worker: str, values: list, failures: dict, stop_on_error: bool,
+    on_progress: ProgressHook | None, progress_interval: float, due: float,
+) -> None:
+    """The task loop of a chunk with no seed, timeout, retries or careful mode."""
+    append = values.append
+    clock = time.monotonic
+    iterator = iter(items)
+    total = len(items)
+    block = 1 if on_progress is not None else total
+    item = None
+    while len(values) < total:
+        began, ran = clock(), len(values)
+        try:
+            for item in islice(iterator, block):
+                append(fn(item))
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not _is_task_exception(exc):
+                raise
+            index = start + len(values)
+            append(None)
+            failures[index] = failure_from_exception(index, item, exc, worker, 1, fn)
+            if stop_on_error:
+                return
+        if len(values) == ran:
+            return  # the items ended early (a sequence shorter than it says): nothing more to run
+        now = clock()
+        if now >= due:
+            _report_progress(on_progress, values, failures)
+            due = clock() + progress_interval
+        block = min(block * 2, _MAX_BLOCK) if now - began < _QUICK_BLOCK else 1
 
 
 def _report_progress(on_progress: ProgressHook | None, values: list, failures: dict) -> None:
