@@ -32,7 +32,7 @@ LOOKAHEAD = 4096
 TARGET_SECONDS = float(os.environ.get("DOREDIS_CHUNK_SECONDS", 0.5))
 #: A chunk's results are kept to about this many bytes (measured), so big results stream from
 #: several workers at once instead of travelling as one huge value.
-TARGET_BYTES = 4 << 20
+TARGET_BYTES = 8 << 20
 #: Spreading the tail over every worker never makes a chunk shorter than this much work.
 MIN_SECONDS = 0.05
 #: How long submit() waits for the probe chunks' durations before sizing the rest; tasks that
