@@ -26,7 +26,7 @@ from rq import Queue, Worker
 
 import doredis
 from doredis import protocol
-from doredis.embedded import free_port, stop_process
+from doredis.embedded import RedisServer, free_port, stop_process
 
 CHROMIUM = os.environ.get("DOREDIS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = (
@@ -58,6 +58,15 @@ def _missing() -> str | None:
         if not os.access(path, os.X_OK):
             return f"{path} not found: apt-get install chromium chromium-driver"
     return None
+
+
+@pytest.fixture
+def redis_url():
+    """A redis-server of this test's own: the dashboard lists every queue and worker on its
+    server, and what other tests left on the session's server must not slow or confuse it."""
+    server = RedisServer(tcp=True)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
@@ -115,6 +124,17 @@ def dashboard(redis_url, tmp_path):
         yield base, log_path
     finally:
         stop_process(process)
+
+
+def _body(url: str) -> str:
+    """What ``url`` answers, or why it does not (for a failure's message)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}: {exc.read().decode(errors='replace')}"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _artifacts(tmp_path: Path) -> Path:
@@ -190,7 +210,9 @@ def test_every_dashboard_page_loads_while_chunks_run(
         except AssertionError as exc:
             raise AssertionError(f"{exc}; the row last shown: {seen}; in Redis: queued "
                                  f"{rq_queue.count}, started {rq_queue.started_job_registry.count}, "
-                                 f"failed {rq_queue.failed_job_registry.count}") from None
+                                 f"failed {rq_queue.failed_job_registry.count}; queues.json: "
+                                 f"{_body(f'{base}/0/data/queues.json')[:2000]}; the dashboard's log: "
+                                 f"{dashboard_log.read_text()[-2000:]}") from None
 
         def worker_rows(d):
             # The page lists every worker on the server: other tests' may be there too.
