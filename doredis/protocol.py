@@ -306,6 +306,7 @@ class ChunkResult:
     values: list = field(default_factory=list)
     failures: dict[int, TaskFailure] = field(default_factory=dict)
     reduced: bool = False
+    #: Seconds the tasks (and the fold) took on the worker, without the chunk's fixed costs.
     elapsed: float = 0.0
     #: True when a draining worker stopped before the chunk's last task (``count`` tasks ran).
     interrupted: bool = False

@@ -164,6 +164,16 @@ def loads(blob: bytes, what: str = "payload") -> Any:
     return pickle.loads(unseal(blob, what))
 
 
+def load_result(blob: bytes, what: str) -> Any:
+    """Verify and unpickle a sealed chunk result, keeping its verified pickle (a view of ``blob``)
+    as its ``pickled`` attribute: a checkpoint stores those bytes as they are, with no second
+    pickling of the values."""
+    pickled = unseal(blob, what)
+    result = pickle.loads(pickled)
+    result.pickled = pickled
+    return result
+
+
 #: The only globals rq's job data may name: rq's ``Retry``, which rq itself stores as the result of
 #: a chunk handed back by a stopping worker (a plain data class: unpickling it runs no code).
 _RQ_DATA_GLOBALS = {("rq.job", "Retry"), ("rq.retry", "Retry")}

@@ -239,7 +239,6 @@ def run_tasks(
     values of a ``reduce`` run unfolded (the caller folds them with :func:`fold_values`).
     """
     global _interruptible
-    began = time.perf_counter()
     fn = spec.fn
     values: list = []
     failures: dict[int, TaskFailure] = {}
@@ -250,6 +249,10 @@ def run_tasks(
         spec.seed is None and not spec.timeout and not spec.retries and not lost and on_task_start is None
     )
     _interruptible = True
+    # ``elapsed`` counts the tasks (and the fold), not the chunk's fixed costs around them: the
+    # driver sizes chunks from it, and a one-task probe timed with those costs would make a
+    # 40 ns task look like a 5 us one.
+    began = time.perf_counter()
     try:
         if simple:
             _run_simple(fn, items, start, worker, values, failures, spec.stop_on_error, on_progress,
@@ -287,13 +290,16 @@ def run_tasks(
         interrupted = True
     finally:
         _interruptible = False
+    elapsed = time.perf_counter() - began
     count = len(values) if interrupted else len(items)
     result = ChunkResult(
         chunk_no, start, count, worker, values, failures, elapsed=0.0, interrupted=interrupted
     )
     if spec.reduce is not None and fold and not interrupted:
+        began = time.perf_counter()
         fold_values(spec, result, items)
-    result.elapsed = time.perf_counter() - began
+        elapsed += time.perf_counter() - began
+    result.elapsed = elapsed
     return result
 
 

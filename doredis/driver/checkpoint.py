@@ -9,10 +9,13 @@ File layout (``PRAGMA application_id`` marks it as a doredis checkpoint):
   (how many), ``function`` (the fingerprint of fn, reduce and seed), ``created``.
 - ``chunks``: one row per gathered chunk: its first index ``start``, ``count`` tasks, ``items``
   (a fingerprint of those items), ``failed`` (indices that failed: not done, tried again on
-  resume) and ``data`` (the pickled values; for a reduce run, the chunk's partial fold).
+  resume) and ``data``: the chunk's result as its worker pickled it (a ``ChunkResult``: stored
+  as it arrived, not pickled again), or the pickled list of its values; for a reduce run, the
+  chunk's partial fold.
 
-Writes are batched: rows are handed to a background thread that inserts them with one
-``executemany`` and commits every ``FLUSH_INTERVAL`` seconds (and on close), in SQLite's rollback
+Writes are batched: rows are handed to a background thread that inserts them as they come (so
+the disk writes overlap the run) and commits within ``FLUSH_INTERVAL`` seconds of the first
+uncommitted one (and on close), in SQLite's rollback
 journal mode with ``synchronous=FULL``: a commit is on disk when it returns, so a SIGKILLed driver
 (or a power loss) loses at most the last interval's results, and a commit cut short is rolled
 back by the next open. Not WAL mode: it writes every result twice (into the WAL, then into the
@@ -24,6 +27,7 @@ driver's lock never blocks the rerun.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -36,7 +40,7 @@ import threading
 import time
 import types
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -44,6 +48,7 @@ from typing import Any
 import cloudpickle
 
 from ..errors import CheckpointError
+from ..protocol import ChunkResult
 
 log = logging.getLogger("doredis.driver")
 
@@ -74,9 +79,12 @@ def _dumps_flat(obj: Any, pickler: type) -> bytes:
     return buffer.getvalue()
 
 
-def items_fingerprint(items: list) -> bytes:
-    """A 16-byte digest of these items, in order: one pickling of the list, without the memo
-    (so equal items give equal digests however they share references)."""
+def items_fingerprint(items: Sequence) -> bytes:
+    """A 16-byte digest of these items, in order: one pickling of them as a list, without the
+    memo (so equal items give equal digests however they share references, and whether they
+    came as a list, a tuple or a range)."""
+    if type(items) is not list:
+        items = list(items)
     try:
         data = _dumps_flat(items, pickle.Pickler)
     except Exception:
@@ -247,6 +255,7 @@ class CheckpointStore:
         db.execute("PRAGMA page_size=65536")  # results are often large: fewer pages, less overhead
         db.execute("PRAGMA journal_mode=DELETE")
         facts = {"kind": kind, "items": str(items), "function": function, "created": repr(time.time())}
+        facts.update(_owner_facts(function))  # claimed as it is created: no commit of its own
         db.execute("BEGIN")
         db.execute(f"PRAGMA application_id={APPLICATION_ID}")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -308,7 +317,9 @@ class CheckpointStore:
         db = self._db
         db.execute("PRAGMA journal_mode=DELETE")
         db.execute("PRAGMA synchronous=FULL")
-        owner = {"driver": f"{socket.gethostname()} pid {os.getpid()}", "function": function}
+        owner = _owner_facts(function)
+        if all(self.facts.get(k) == v for k, v in owner.items()):
+            return  # (a file this driver has just created)
         if self.facts["function"] != function:
             log.warning(
                 "checkpoint %s: reusing results of a different function (checkpoint_reuse=True)", self.path
@@ -333,46 +344,67 @@ class CheckpointStore:
         """The stored values of one chunk (one partial fold, or none, for a reduce run)."""
         with self._db_lock:
             (data,) = self._db.execute("SELECT data FROM chunks WHERE rowid = ?", (rowid,)).fetchone()
-        return pickle.loads(data)
+        stored = pickle.loads(data)
+        return stored.values if isinstance(stored, ChunkResult) else stored
 
     # -- writing --------------------------------------------------------------------------------
-    def record(self, start: int, items: list, failed: Iterable[int], values: list) -> None:
+    def record(
+        self, start: int, items: Sequence, failed: Iterable[int], values: list | memoryview | bytes
+    ) -> None:
         """Store a gathered chunk of ``items`` (written by the background thread within
-        ``FLUSH_INTERVAL``). Its values are pickled now: the caller may change them once given."""
+        ``FLUSH_INTERVAL``): its ``values``, or the pickled ChunkResult they came in (stored as
+        it is). Values are pickled now: the caller may change them once given."""
         if self.error is not None:
             raise CheckpointError(f"checkpoint {self.path}: writing it failed: {self.error}") from self.error
         failed_text = ",".join(map(str, sorted(failed)))
-        row = (start, items, failed_text, cloudpickle.dumps(values, protocol=5))
+        data = values if isinstance(values, bytes | memoryview) else cloudpickle.dumps(values, protocol=5)
+        row = (start, items, failed_text, data)
         with self._cond:
             self._pending.append(row)
+            self._cond.notify()
 
-    def _write(self) -> None:
+    def _take_rows(self) -> list[tuple]:
         with self._cond:
             pending, self._pending = self._pending, []
-        rows = [
+        return [
             (start, len(items), items_fingerprint(items), failed, data)
             for start, items, failed, data in pending
         ]
-        if not rows:
-            return
-        with self._db_lock:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)", rows)
-            self._db.execute("COMMIT")
 
     def _flush_loop(self) -> None:
+        """Insert rows as they are recorded (so the disk writes overlap the run), and commit
+        within ``FLUSH_INTERVAL`` of the first uncommitted one; commit the rest on close."""
+        began: float | None = None  # when the open transaction began
         try:
             while True:
                 with self._cond:
-                    if self._closed:
-                        return
-                    self._cond.wait(FLUSH_INTERVAL)
-                    if self._closed:
-                        return
-                self._write()
-        except BaseException as exc:  # a full disk: reported by the next record()
+                    while not self._pending and not self._closed:
+                        if began is None:
+                            self._cond.wait()
+                            continue
+                        left = began + FLUSH_INTERVAL - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    closed = self._closed
+                rows = self._take_rows()
+                with self._db_lock:
+                    if rows:
+                        if began is None:
+                            self._db.execute("BEGIN")
+                            began = time.monotonic()
+                        self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)", rows)
+                    if began is not None and (closed or time.monotonic() - began >= FLUSH_INTERVAL):
+                        self._db.execute("COMMIT")
+                        began = None
+                if closed:
+                    return
+        except BaseException as exc:  # a full disk: reported by the next record(), and by close()
             log.error("checkpoint %s: writing failed: %s", self.path, exc)
             self.error = exc
+            if began is not None:
+                with self._db_lock, contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         """Write what is pending, close the file and release the lock (idempotent)."""
@@ -381,13 +413,16 @@ class CheckpointStore:
                 return
             self._closed = True
             self._cond.notify_all()
-        self._flusher.join()
+        self._flusher.join()  # it commits what is pending, and ends
         try:
-            if self.error is None:
-                self._write()
-        finally:
             self._db.close()
+        finally:
             os.close(self._lock_fd)
+
+
+def _owner_facts(function: str) -> dict[str, str]:
+    """What a driver writes into the checkpoint it holds: who it is, and its function."""
+    return {"driver": f"{socket.gethostname()} pid {os.getpid()}", "function": function}
 
 
 _FIX = "Point checkpoint= at a new file (or delete this one) to start from scratch"

@@ -1,18 +1,21 @@
 """Cutting the input into chunks, lazily, with chunk sizes that adapt to measured task durations.
 
-Like joblib's auto-batching: the first chunks are small (one task each, one per connected
-worker: the probe), and once workers report how long their tasks took (``ChunkResult.elapsed``),
-each chunk is sized as it is cut so that it takes about ``TARGET_SECONDS`` and its results take
-about ``TARGET_BYTES`` at most. So tiny tasks travel
-in few big chunks (the per-chunk cost, an rq job and a few round trips, is paid rarely), while
-slow tasks travel one per chunk. The tail is spread over every worker: a chunk holds at most a
+Like joblib's auto-batching: the first chunks are small (the probe: one per connected worker, of
+one task, or of up to ``PROBE_TASKS`` when the input is long enough that such a chunk is under
+``1 / PROBE_SHARE`` of a worker's share, so that tiny tasks are timed above the clock's noise),
+and once workers report how long their tasks took (``ChunkResult.elapsed``, the tasks alone),
+each chunk is sized as it is cut so that it takes about ``TARGET_SECONDS`` and its items and
+results take about ``TARGET_BYTES`` at most. So tiny tasks travel in few big chunks (the
+per-chunk cost, an rq job and a few round trips, is paid rarely), while slow tasks travel one
+per chunk. The tail is spread over every worker: a chunk holds at most a
 ``1 / (CHUNKS_PER_WORKER x workers)`` share of the tasks not cut yet (guided scheduling, so later
-chunks shrink),
-unless that would make it shorter than ``MIN_SECONDS`` of work. A window of chunks is always
-queued ahead (:mod:`doredis.driver.source`), so a worker that joins mid-run finds work at once.
+chunks shrink), unless that would make it shorter than ``MIN_SECONDS`` of work; that floor
+is never more than an even share of the run per worker, so even a run of only tiny tasks keeps
+every worker busy. A window of chunks is always queued ahead (:mod:`doredis.driver.source`), so a
+worker that joins mid-run finds work at once.
 
 Without measurements (no worker connected yet) the static rule applies: the target is
-``max(MIN_CHUNKS, CHUNKS_PER_WORKER * workers)`` chunks of at most ``MAX_CHUNK`` tasks.
+``max(MIN_CHUNKS, CHUNKS_PER_WORKER * workers)`` chunks of at most ``STATIC_MAX_CHUNK`` tasks.
 """
 
 from __future__ import annotations
@@ -25,25 +28,32 @@ from itertools import islice
 
 MIN_CHUNKS = 32
 CHUNKS_PER_WORKER = 4
-MAX_CHUNK = 20_000
+#: The most tasks a chunk holds when nothing is measured (the static rule), and ...
+STATIC_MAX_CHUNK = 20_000
+#: ... once task durations and sizes are measured (then time and bytes bound it too).
+MAX_CHUNK = 100_000
 LOOKAHEAD = 4096
 #: A chunk is sized to take about this long on a worker, once task durations are measured
 #: (``DOREDIS_CHUNK_SECONDS``).
 TARGET_SECONDS = float(os.environ.get("DOREDIS_CHUNK_SECONDS", 0.5))
-#: A chunk's results are kept to about this many bytes (measured), so big results stream from
-#: several workers at once instead of travelling as one huge value.
+#: A chunk's results, and its pickled items, are kept to about this many bytes (measured), so
+#: big values stream from several workers at once instead of travelling as one huge value.
 TARGET_BYTES = 8 << 20
 #: Spreading the tail over every worker never makes a chunk shorter than this much work.
 MIN_SECONDS = 0.05
 #: How long submit() waits for the probe chunks' durations before sizing the rest; tasks that
 #: take longer are assumed to take at least this long until measured.
 PROBE_WAIT = 0.05
+#: A probe chunk holds up to this many tasks, and at most ``1 / PROBE_SHARE`` of a worker's
+#: share of the input (so one task when the input is short: a slow probe delays little).
+PROBE_TASKS = 64
+PROBE_SHARE = 64
 
 
 def adaptive_chunk_size(n: int, workers: int) -> int:
     """Chunk size for ``n`` tasks on ``workers`` workers."""
     target = max(MIN_CHUNKS, CHUNKS_PER_WORKER * max(workers, 1))
-    return max(1, min(MAX_CHUNK, math.ceil(n / target)))
+    return max(1, min(STATIC_MAX_CHUNK, math.ceil(n / target)))
 
 
 def iter_chunks(items: Iterable, chunk_size: int | None, workers: int) -> Iterator[list]:
@@ -91,6 +101,8 @@ class ChunkSizer:
         self._tasks = 0
         self._seconds = 0.0
         self._bytes = 0
+        self._item_tasks = 0
+        self._item_bytes = 0
         self._at_least: float | None = None  # a lower bound on a task's duration, before measurements
 
     def observe(self, tasks: int, seconds: float, nbytes: int = 0) -> None:
@@ -103,15 +115,28 @@ class ChunkSizer:
             self._bytes += max(nbytes, 0)
             self._measured.notify_all()
 
+    def probe_tasks(self) -> int:
+        """How many tasks a probe chunk holds."""
+        if self.n is None:
+            return 1
+        return max(1, min(PROBE_TASKS, self.n // (max(self.workers, 1) * PROBE_SHARE)))
+
+    def observe_items(self, tasks: int, nbytes: int) -> None:
+        """A chunk of ``tasks`` items pickled to ``nbytes``."""
+        with self._measured:
+            self._item_tasks += max(tasks, 0)
+            self._item_bytes += max(nbytes, 0)
+
     def measured(self) -> bool:
         with self._measured:
             return self._tasks > 0
 
     def assume_at_least(self, seconds: float) -> None:
-        """Nothing was measured in ``seconds``: a task takes at least that long."""
+        """No probe chunk ended within ``seconds``: a task takes at least that long divided by
+        the probe chunks' tasks."""
         with self._measured:
             if self._tasks == 0:
-                self._at_least = max(self._at_least or 0.0, seconds)
+                self._at_least = max(self._at_least or 0.0, seconds / max(self.probe_tasks(), 1))
 
     def per_task(self) -> float | None:
         """The mean measured duration of a task, None before any measurement."""
@@ -128,31 +153,38 @@ class ChunkSizer:
         """How many tasks the next chunk holds, ``tasks_cut`` tasks in ``chunks_cut`` chunks being cut."""
         if self.fixed is not None:
             return self.fixed
-        if chunks_cut < self.probe_chunks:
-            return 1
         workers = max(self.workers, 1)
+        if chunks_cut < self.probe_chunks:
+            return self.probe_tasks()
         remaining = None if self.n is None else max(self.n - tasks_cut, 1)
         per = self.per_task()
+        spread = MAX_CHUNK if remaining is None else math.ceil(remaining / (CHUNKS_PER_WORKER * workers))
         if per is None and self._at_least is not None:
-            return 1  # slower than the probe wait: one task per chunk until measured
+            # Slower than the probe wait: sized by that lower bound, and spread over the workers
+            # (one task per chunk for a short input), until measured.
+            return int(max(1, min(TARGET_SECONDS / self._at_least, spread)))
         if per is None:  # nothing to go by yet (no worker connected): the static rule
             seen = self.n if self.n is not None else max(tasks_cut, LOOKAHEAD)
             return adaptive_chunk_size(seen, workers)
         per = max(per, 1e-9)
         with self._measured:
             per_bytes = self._bytes / self._tasks if self._tasks else 0
+            per_item = self._item_bytes / self._item_tasks if self._item_tasks else 0
         by_time = TARGET_SECONDS / per
-        if per_bytes:
-            by_time = min(by_time, TARGET_BYTES / per_bytes)
+        for per_task_bytes in (per_bytes, per_item):
+            if per_task_bytes:
+                by_time = min(by_time, TARGET_BYTES / per_task_bytes)
         floor = MIN_SECONDS / per
-        spread = math.ceil(remaining / (CHUNKS_PER_WORKER * workers)) if remaining is not None else MAX_CHUNK
-        return int(max(1, min(MAX_CHUNK, by_time, max(spread, min(floor, by_time)))))
+        if remaining is None:
+            return int(max(1, min(MAX_CHUNK, by_time)))
+        share = math.ceil(self.n / workers)  # (n is known when remaining is)
+        return int(max(1, min(MAX_CHUNK, by_time, max(spread, min(floor, share)))))
 
 
 def cut_chunks(items: Iterable, sizer: ChunkSizer) -> Iterator[list]:
-    """Yield lists of consecutive items, each as long as ``sizer`` says when it is cut; consumes
-    ``items`` lazily. An input without a length is read ahead up to ``LOOKAHEAD`` items: one that
-    ends there has a known length."""
+    """Yield lists of consecutive items (ranges, for a ``range``), each as long as ``sizer`` says
+    when it is cut; consumes ``items`` lazily. An input without a length is read ahead up to
+    ``LOOKAHEAD`` items: one that ends there has a known length."""
     iterator = iter(items)
     head: list = []
     if sizer.n is None:
@@ -164,6 +196,12 @@ def cut_chunks(items: Iterable, sizer: ChunkSizer) -> Iterator[list]:
                 if len(head) < LOOKAHEAD:
                     sizer.n = len(head)
     tasks = chunks = 0
+    if type(items) in (list, tuple, range):  # sliced, not stepped through item by item
+        while chunk := items[tasks : tasks + sizer.size(tasks, chunks)]:
+            tasks += len(chunk)
+            chunks += 1
+            yield chunk if type(chunk) is not tuple else list(chunk)  # a range's stays a range:
+        return  # its chunks travel as two numbers, not as a list of ints to pickle and rebuild
     while True:
         size = sizer.size(tasks, chunks)
         chunk = head[:size]

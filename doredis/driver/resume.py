@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ..errors import CheckpointError
@@ -23,12 +23,6 @@ from .collect import Collector
 from .options import RunOptions
 
 log = logging.getLogger("doredis.driver")
-
-
-class Chunk(list):
-    """A chunk of items that knows the index of its first item in the whole input."""
-
-    start: int = 0
 
 
 class Resume:
@@ -55,7 +49,8 @@ class Resume:
     ) -> Resume:
         """Open (or create) the checkpoint for ``fn`` over ``items``; a CheckpointError, with the
         file unchanged, when it is another run's."""
-        items = list(items)
+        if type(items) not in (list, tuple, range):  # (those are sliced as they are: a range's
+            items = list(items)  # chunks travel as ranges, see chunking.cut_chunks)
         kind = "reduce" if options.reduce is not None else "list"
         function = function_fingerprint(fn, options.reduce, options.seed)
         store = CheckpointStore.open(path, kind=kind, items=len(items), function=function, reuse=reuse)
@@ -89,30 +84,39 @@ class Resume:
     # -- submitting ---------------------------------------------------------------------------------
     def missing(self) -> Iterator[tuple[int, int]]:
         """The ranges ``[lo, hi)`` of items without a stored result, in order."""
-        owner, i, n = self._owner, 0, self.total
-        while i < n:
-            if owner[i] >= 0:
-                i += 1
-                continue
-            lo = i
-            while i < n and owner[i] < 0:
-                i += 1
-            yield lo, i
+        done: list[tuple[int, int]] = []  # [lo, hi) of stored results, failed tasks cut out
+        for chunk in self._stored:
+            lo, end = chunk.start, chunk.start + chunk.count
+            for index in sorted(chunk.failed):
+                if lo < index:
+                    done.append((lo, index))
+                lo = index + 1
+            if lo < end:
+                done.append((lo, end))
+        position = 0
+        for lo, hi in sorted(done):
+            if lo > position:
+                yield position, lo
+            position = max(position, hi)
+        if position < self.total:
+            yield position, self.total
 
-    def chunks(self, sizer: ChunkSizer) -> Iterator[Chunk]:
+    def chunks(self, sizer: ChunkSizer) -> Iterator[tuple[int, Sequence]]:
         """The missing items cut into chunks, each as long as ``sizer`` says when it is cut (as a
-        plain run's: :mod:`doredis.driver.chunking`), and none across a stored range."""
+        plain run's: :mod:`doredis.driver.chunking`), and none across a stored range: pairs of
+        (index of the chunk's first item, its items)."""
         sizer.n = self.total - self.resumed
         tasks = cut = 0
         for lo, hi in self.missing():
             start = lo
             while start < hi:
-                chunk = Chunk(self.items[start : min(start + sizer.size(tasks, cut), hi)])
-                chunk.start = start
+                chunk = self.items[start : min(start + sizer.size(tasks, cut), hi)]
+                if type(chunk) is tuple:
+                    chunk = list(chunk)
+                yield start, chunk
                 start += len(chunk)
                 tasks += len(chunk)
                 cut += 1
-                yield chunk
 
     # -- gathering ----------------------------------------------------------------------------------
     def collector(self, options: RunOptions, reduce=None, **kwargs: Any) -> Collector:
@@ -125,11 +129,15 @@ class Resume:
         if len(result.failures) >= result.count:
             return
         end = result.start + result.count
-        self.store.record(result.start, self.items[result.start : end], result.failures, result.values)
+        pickled = getattr(result, "pickled", None)  # the worker's pickle of it, as it arrived
+        stored = pickled if pickled is not None else result.values
+        self.store.record(result.start, self.items[result.start : end], result.failures, stored)
 
     def stored_values(self, lo: int, hi: int) -> list[Any]:
         """The stored values of items ``lo..hi-1``, in order (missing items are left out)."""
         values: list[Any] = []
+        if not self.resumed:
+            return values  # nothing stored (a first run): no item to look up
         cache: dict[int, list] = {}
         for i in range(lo, hi):
             pos = self._owner[i]

@@ -99,6 +99,8 @@ class Run:
             self._where, log, outage.tolerance(), on_change=self._redis_down, give_up=self._gave_up
         )
         self._done = self._failed = 0  # tasks gathered so far, for a meta written again
+        if source is not None:  # submit() counted the workers a moment ago
+            self._last_worker_check = time.monotonic()
 
     def _redis(self, fn, *args, **kwargs):
         """A Redis call of the gather loop, retried through outages up to the tolerance."""
@@ -197,6 +199,7 @@ class Run:
         bar = self._bar = ProgressBar(wanted(self.options.progress), None, self.id, resumed)  # outages too
         if self.source is not None:  # the submitting driver knows (no round trip)
             bar.set_total(self.source.total + resumed if self.source.finished else None)
+            bar.workers(self.source.workers)
         else:
             bar.set_total(self._redis(self.progress)[2])
         finished = False
@@ -295,7 +298,8 @@ class Run:
             stored = [int(c) for c in self._redis(self.conn.hkeys, self.keys.results)]
             yield from self._fetch(stored, seen)
         last_check = time.monotonic()
-        last_cancel_check = float("-inf")
+        # (a run this driver has just submitted was not cancelled yet: its first look is later)
+        last_cancel_check = float("-inf") if self.source is None else last_check
         while True:
             chunks = self._chunks()
             if chunks is not None and len(seen) >= chunks:
@@ -336,7 +340,7 @@ class Run:
 
     def _loaded(self, chunk_no: int, blob: bytes) -> ChunkResult:
         """A chunk's result, unpickled; its measured durations size the chunks cut next."""
-        result = serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
+        result = serialization.load_result(blob, f"result of chunk {chunk_no} of run {self.id}")
         if self.source is not None:
             self.source.forget(chunk_no)
             self.source.observed(result.count, result.elapsed, len(blob))
@@ -348,7 +352,7 @@ class Run:
         chunk_no, blob, result = early
         if result is not None:
             return result
-        return serialization.loads(blob, f"result of chunk {chunk_no} of run {self.id}")
+        return serialization.load_result(blob, f"result of chunk {chunk_no} of run {self.id}")
 
     def _take_results(self, chunk_nos: list[int]) -> list[bytes | None]:
         """The stored results of these chunks. A streaming run (longer than its window) frees them

@@ -59,10 +59,11 @@ def job_data(run_id: str, chunk_no: int, start: int, count: int):
     )
 
 
-def enqueue_jobs(pipe, queue: Queue, datas: list) -> None:
+def enqueue_jobs(pipe, queue: Queue, datas: list, register: bool = True) -> None:
     """Queue the commands that enqueue these rq jobs on ``pipe``: what ``Queue.enqueue_many``
     stores for a job without dependencies (its hash, made by rq, with its TTL; its id on the
-    queue list), in two commands per job and one RPUSH for all, where rq spends six per job."""
+    queue list), in two commands per job and one RPUSH for all, where rq spends six per job;
+    and, with ``register``, the queue in rq's set of queues (what ``rq info`` lists)."""
     if not datas:
         return
     enqueued_at = utcnow()
@@ -87,7 +88,8 @@ def enqueue_jobs(pipe, queue: Queue, datas: list) -> None:
         if job.ttl:
             pipe.expire(job.key, job.ttl)
         ids.append(job.id)
-    pipe.sadd(queue.redis_queues_keys, queue.key)
+    if register:
+        pipe.sadd(queue.redis_queues_keys, queue.key)
     pipe.rpush(queue.key, *ids)
 
 
@@ -124,6 +126,7 @@ class RunSource:
         self.stopped = threading.Event()  # the run ended early (cancelled, failed): submit no more
         self.sizer = None  # the run's ChunkSizer (chunking.py): durations the gather measures size chunks
         self.early: list = []  # probe chunks' results taken while submitting, for the gather
+        self.workers = 0  # workers connected when the run was submitted
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def add(self, chunk_no: int, start: int, count: int, items_blob: bytes) -> None:
@@ -183,16 +186,18 @@ class RunSource:
         if self.code_blob is not None:
             pipe.set(self.keys.code, self.code_blob, ex=ttl)
         pipe.zadd(protocol.runs_key(self.queue), {self.run_id: float(self.meta["created"])})
+        pipe.expire(protocol.runs_key(self.queue), ttl)  # the index lives as long as its newest run
 
-    def enqueue(self, pipe, queue: Queue, chunk_nos: list[int]) -> None:
-        """Queue the commands that store these chunks' items and enqueue their rq jobs on ``pipe``."""
+    def enqueue(self, pipe, queue: Queue, chunk_nos: list[int], register: bool = True) -> None:
+        """Queue the commands that store these chunks' items and enqueue their rq jobs on ``pipe``
+        (``register``: and the queue in rq's set of queues, which a run's first batch does)."""
         with self._room:
             blobs = {c: self._unfinished[c][2] for c in chunk_nos if c in self._unfinished}
             jobs = [self.job_data(c) for c in blobs]
         if blobs:
             pipe.hset(self.keys.items, mapping=blobs)
             pipe.expire(self.keys.items, protocol.run_ttl())
-            enqueue_jobs(pipe, queue, jobs)
+            enqueue_jobs(pipe, queue, jobs, register)
 
     def restore(
         self, conn: redis.Redis, chunk_nos: list[int], *, whole_run: bool, done: int, failed: int

@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis
 from rq import Queue
@@ -30,6 +30,14 @@ log = logging.getLogger("doredis.driver")
 _MAX_BATCH = 64
 
 
+def _with_starts(chunks: Iterator[Sequence]) -> Iterator[tuple[int, Sequence]]:
+    """(index of the chunk's first item, the chunk) for consecutive chunks."""
+    start = 0
+    for chunk in chunks:
+        yield start, chunk
+        start += len(chunk)
+
+
 def pickle_spec(fn: Callable, options: RunOptions) -> tuple[bytes, set[str]]:
     """The run's spec, sealed, and the modules unpickling it imports; a TypeError naming the
     function (or reduce) if it cannot be pickled."""
@@ -47,7 +55,7 @@ def pickle_spec(fn: Callable, options: RunOptions) -> tuple[bytes, set[str]]:
 
 
 def code_to_ship(
-    options: RunOptions, referenced: set[str], first_chunk: list | None
+    options: RunOptions, referenced: set[str], first_chunk: Sequence | None
 ) -> tuple[shipping.Bundle | None, bytes | None]:
     """The project code the run ships (see :mod:`doredis.shipping`): what the function needs, and
     what the first chunk's items need (an Executor's calls travel as items); and the first
@@ -62,7 +70,7 @@ def code_to_ship(
     return shipping.bundle(options.ship, referenced), first_blob
 
 
-def pickle_items(items: list, start: int) -> bytes:
+def pickle_items(items: Sequence, start: int) -> bytes:
     """A chunk's items, sealed; a TypeError naming the first item that cannot be pickled."""
     try:
         return serialization.dumps(items)
@@ -91,9 +99,9 @@ def submit_run(
     redis_outage = Outage(connection.describe(conn), log, outage.tolerance())
     workers = redis_outage.call(connected_workers, conn, options.queue)
     sizer = ChunkSizer(None, workers, options.chunk_size)
-    chunks = checkpoint.chunks(sizer) if checkpoint is not None else cut_chunks(items, sizer)
+    chunks = checkpoint.chunks(sizer) if checkpoint is not None else _with_starts(cut_chunks(items, sizer))
     first = next(chunks, None)
-    code, first_blob = code_to_ship(options, referenced, first)
+    code, first_blob = code_to_ship(options, referenced, first[1] if first is not None else None)
     meta = {
         "queue": options.queue,
         "created": time.time(),
@@ -117,21 +125,13 @@ def submit_run(
         code_blob=serialization.seal(code.blob) if code is not None else None,
     )
     source.sizer = sizer
+    source.workers = workers
     if first is not None:
         chunks = itertools.chain([first], chunks)
 
-    def store_run() -> None:
-        with conn.pipeline() as pipe:
-            source.write_run(pipe, protocol.SUBMITTING, done=0, failed=0)
-            pipe.execute()
-
-    redis_outage.call(store_run)
-    # (not in that pipeline: redis-py sends SCRIPT EXISTS first for a pipeline with a script, a
-    # round trip of its own and a command the README's ACL does not grant)
-    redis_outage.call(prune_runs_index, conn, options.queue)  # expired runs leave the index
     submitter = _Submitter(conn, source, chunks, redis_outage, first_blob)
     try:
-        submitter.submit(limit=source.window)
+        submitter.submit(limit=source.window)  # the run itself is stored with the first chunks
         if submitter.exhausted:
             submitter.finish()
     except BaseException:
@@ -140,6 +140,7 @@ def submit_run(
         except redis.RedisError as exc:
             log.warning("run %s: could not take back its chunks (%s); they expire with the run", run_id, exc)
         raise
+    _prune_now_and_then(conn, options.queue, redis_outage)
     if not submitter.exhausted:
         source.streaming = True
         redis_outage.call(protocol.update_meta, conn, source.keys, {"streamed": 1})
@@ -168,7 +169,7 @@ class _Submitter:
         self,
         conn: redis.Redis,
         source: RunSource,
-        chunks: Iterator[list],
+        chunks: Iterator[tuple[int, Sequence]],
         redis_outage: Outage,
         first_blob: bytes | None = None,
     ):
@@ -181,10 +182,13 @@ class _Submitter:
         self.chunk_no = 0  # chunks cut so far
         self.total = 0  # tasks cut so far
         self.exhausted = False
-        self._peeked: list | None = None
-        self._flush_at = 1  # the first chunk goes out at once so workers start while the rest is cut
+        self._peeked: tuple[int, Sequence] | None = None
+        #: the first chunks (the probe, one per worker) go out at once so workers start while
+        #: the rest is cut; then batches double
+        self._flush_at = max(1, source.sizer.probe_chunks if source.sizer is not None else 1)
+        self._run_stored = False  # the run's meta and spec go with the first batch of chunks
 
-    def _next_chunk(self) -> list | None:
+    def _next_chunk(self) -> tuple[int, Sequence] | None:
         if self._peeked is not None:
             chunk, self._peeked = self._peeked, None
             return chunk
@@ -211,14 +215,15 @@ class _Submitter:
                 self._flush(batch)  # the probe goes out; its measured durations size the rest
                 batch = []
                 self._await_probe()
-            chunk = self._next_chunk()
-            if chunk is None:
+            cut = self._next_chunk()
+            if cut is None:
                 break
-            start = getattr(chunk, "start", self.total)  # a resumed run's chunks keep their indices
+            start, chunk = cut  # (a resumed run's chunks keep their indices)
             if self.chunk_no == 0 and self._first_blob is not None:
                 blob, self._first_blob = self._first_blob, None
             else:
                 blob = pickle_items(chunk, start)
+            self.source.sizer.observe_items(len(chunk), len(blob))
             self.source.add(self.chunk_no, start, len(chunk), blob)
             batch.append(self.chunk_no)
             self.total += len(chunk)
@@ -247,7 +252,8 @@ class _Submitter:
                 if blob is None:
                     continue
                 try:
-                    result = serialization.loads(blob, f"result of chunk {chunk_no} of run {keys.run_id}")
+                    what = f"result of chunk {chunk_no} of run {keys.run_id}"
+                    result = serialization.load_result(blob, what)
                 except Exception:  # the gather unpickles it again, and raises there
                     result = None
                 else:
@@ -261,17 +267,33 @@ class _Submitter:
             self.outage.call(self._enqueue, batch)
             self.source.enqueued(self.chunk_no, self.total)
 
+    def store_run(self, pipe) -> None:
+        """Queue the commands that store the run (meta, spec, index entry) on ``pipe``, once."""
+        if not self._run_stored:
+            self.source.write_run(pipe, protocol.SUBMITTING, done=0, failed=0)
+
     def _enqueue(self, batch: list[int]) -> None:
-        """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip."""
+        """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip (with
+        the run itself before the first batch)."""
         with self.conn.pipeline() as pipe:
-            self.source.enqueue(pipe, self.queue, batch)
+            self.store_run(pipe)
+            self.source.enqueue(pipe, self.queue, batch, register=not self._run_stored)
             # (a meta that Redis lost comes back as this one field: the health check reads a meta
             # without a state as lost, and restores it)
             pipe.hset(self.source.keys.meta, "enqueued", self.chunk_no)
             pipe.execute()
+        self._run_stored = True
 
     def finish(self) -> None:
         """Every chunk is enqueued: the run's size is known."""
+        if not self._run_stored:  # no chunk at all (an empty input): the run is stored alone
+            def store() -> None:
+                with self.conn.pipeline() as pipe:
+                    self.store_run(pipe)
+                    pipe.execute()
+
+            self.outage.call(store)
+            self._run_stored = True
         fields = {"total": self.total, "chunks": self.chunk_no, "state": protocol.RUNNING}
         self.outage.call(protocol.update_meta, self.conn, self.source.keys, fields)  # only if still live
         self.source.finished = True
@@ -287,6 +309,26 @@ class _Submitter:
             log.error("run %s: submission stopped: %s: %s", self.source.run_id, type(exc).__name__, exc)
             self.source.error = exc
             self.source.stop()
+
+
+#: When each queue's runs index was last pruned by this process (``_prune_now_and_then``).
+_PRUNED: dict[tuple[int, str], float] = {}
+#: Prune a queue's runs index at most this often per process (every submission stores the run
+#: with the index's TTL; pruning drops entries of runs that expired without ending).
+PRUNE_INTERVAL = 600.0
+
+
+def _prune_now_and_then(conn: redis.Redis, queue: str, redis_outage: Outage) -> None:
+    """Drop expired runs from ``queue``'s index, at most every PRUNE_INTERVAL s per process.
+
+    (Not in the store pipeline: redis-py sends SCRIPT EXISTS first for a pipeline with a script,
+    a round trip of its own and a command the README's ACL does not grant.)"""
+    key = (os.getpid(), queue)
+    now = time.monotonic()
+    if now - _PRUNED.get(key, float("-inf")) < PRUNE_INTERVAL:
+        return
+    redis_outage.call(prune_runs_index, conn, queue)
+    _PRUNED[key] = now
 
 
 def _discard(conn: redis.Redis, run_id: str, queue_name: str) -> None:

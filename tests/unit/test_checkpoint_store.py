@@ -13,11 +13,12 @@ import sys
 import pytest
 from helpers import wait_until
 
-from doredis import CheckpointError
+from doredis import CheckpointError, serialization
 from doredis.driver.checkpoint import CheckpointStore, describe, function_fingerprint, items_fingerprint
 from doredis.driver.chunking import ChunkSizer
 from doredis.driver.options import RunOptions
 from doredis.driver.resume import Resume
+from doredis.protocol import ChunkResult
 
 
 def _square(x):
@@ -75,7 +76,7 @@ def test_resume_cuts_only_missing_ranges_under_their_own_indices(tmp_path):
     try:
         assert again.resumed == 3
         assert list(again.missing()) == [(0, 2), (4, 5), (6, 10)]
-        chunks = [(c.start, list(c)) for c in again.chunks(ChunkSizer(None, 2, fixed=3))]
+        chunks = [(start, list(c)) for start, c in again.chunks(ChunkSizer(None, 2, fixed=3))]
         assert chunks == [(0, [0, 1]), (4, [4]), (6, [6, 7, 8]), (9, [9])]
         assert again.stored_values(0, 10) == [4, 9, 25]
     finally:
@@ -132,3 +133,27 @@ def test_a_commit_cut_short_by_sigkill_is_rolled_back_and_the_rest_kept(tmp_path
     finally:
         again.close()
     assert not (tmp_path / "c.ckpt-journal").exists()
+
+
+def test_a_result_is_stored_as_its_worker_pickled_it_and_read_back_as_values(tmp_path):
+    """The gather hands the checkpoint the verified pickle of a ChunkResult (no second pickling
+    of large values); a resume reads its values, as it reads a row of pickled values."""
+    path = tmp_path / "c.ckpt"
+    blob = serialization.dumps(ChunkResult(0, 0, 3, "w", [b"x" * 10, b"y", None], {}))
+    result = serialization.load_result(blob, "a result")
+    options = RunOptions(chunk_size=3)
+    resume = Resume.open(path, range(6), _square, options, reuse=False)
+    resume.record(result)
+    resume.store.record(3, [3, 4, 5], [], [9, 16, 25])  # a row of pickled values
+    resume.close()
+    again = Resume.open(path, range(6), _square, options, reuse=False)
+    try:
+        assert again.resumed == 6
+        assert again.stored_values(0, 6) == [b"x" * 10, b"y", None, 9, 16, 25]
+    finally:
+        again.close()
+
+
+def test_a_range_input_and_the_same_items_as_a_list_are_one_input():
+    as_list = items_fingerprint([5, 6, 7, 8])
+    assert items_fingerprint(range(5, 9)) == as_list == items_fingerprint((5, 6, 7, 8))

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from doredis.driver.chunking import LOOKAHEAD, MAX_CHUNK, adaptive_chunk_size, iter_chunks
+from doredis.driver.chunking import LOOKAHEAD, STATIC_MAX_CHUNK, adaptive_chunk_size, iter_chunks
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 31, 32])
@@ -16,8 +16,8 @@ def test_small_runs_get_one_task_per_chunk(n, workers):
 
 
 def test_huge_runs_are_capped_at_max_chunk():
-    assert adaptive_chunk_size(10**12, 1) == MAX_CHUNK
-    assert adaptive_chunk_size(10**9, 1000) == MAX_CHUNK
+    assert adaptive_chunk_size(10**12, 1) == STATIC_MAX_CHUNK
+    assert adaptive_chunk_size(10**9, 1000) == STATIC_MAX_CHUNK
 
 
 def test_more_workers_give_smaller_chunks():
@@ -31,7 +31,7 @@ def test_chunk_size_bounds():
     for n in (33, 100, 1000, 12345, 10**6):
         for workers in (1, 3, 50):
             size = adaptive_chunk_size(n, workers)
-            assert 1 <= size <= MAX_CHUNK
+            assert 1 <= size <= STATIC_MAX_CHUNK
             assert adaptive_chunk_size(n * 10, workers) >= size
 
 
@@ -58,7 +58,7 @@ def test_every_item_once_in_order(make, workers):
     expected = list(make())
     chunks = list(iter_chunks(make(), None, workers))
     assert all(chunks), "no empty chunk"
-    assert all(len(c) <= MAX_CHUNK for c in chunks)
+    assert all(len(c) <= STATIC_MAX_CHUNK for c in chunks)
     assert _flatten(chunks) == expected
 
 
