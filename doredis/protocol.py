@@ -58,6 +58,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import NoScriptError
 from rq.queue import Queue as _RQQueue
 
 PREFIX = "doredis"
@@ -327,24 +328,27 @@ class ChunkPart:
 
 # --- scripts ----------------------------------------------------------------------------------
 
-#: Stores a chunk's result once: KEYS = results, notify, meta, items, cursor, parts;
-#: ARGV = chunk, blob, ok, failed, ttl, parts (1: look for progressive parts), cursor (1: clear
-#: the chunk's cursor and drain marker: careful mode, or a worker draining). Returns 1 when
-#: stored, 0 when a result for that chunk was already there (a duplicate run), -1 when the run
-#: is gathered, cancelled, failed or expired (or its state is gone: the driver then submits the
-#: chunk again). The chunk's items, cursor,
-#: drain marker and progressive parts go with it; when the run has ended they go too (this
-#: delivery may have written parts or a cursor after the run ended), so nothing of an ended run
-#: is left or re-created. The results hash and the notify list get the run TTL when the notify
-#: list is created (it is empty, so gone, whenever the driver has caught up: the results hash
-#: is only ever emptied by a driver that has caught up), not on every result.
+#: Completes the storing of a chunk's result once, after the ``HSETNX`` of the result itself
+#: that :func:`publish_result` sends just before it in the same pipeline (so a result of many MiB
+#: is not copied into and out of a Lua call's arguments). KEYS = results, notify, meta, items,
+#: cursor, parts; ARGV = chunk, ok, failed, ttl, parts (1: look for progressive parts), cursor
+#: (1: clear the chunk's cursor and drain marker: careful mode, or a worker draining).
+#: The chunk's items field is the mark of the first result: a worker only runs a chunk whose items
+#: it read, and they go when its first result is stored; so a delivery that finds them gone is a
+#: duplicate, whose ``HSETNX`` stored nothing over the first result. Returns 1 when stored, 0 for a
+#: duplicate, -1 when the run is gathered, cancelled, failed or expired (or its state is gone:
+#: the driver then submits the chunk again): then the result just written goes again. The chunk's
+#: items, cursor, drain marker and progressive parts go with it; when the run has ended they go too
+#: (this delivery may have written parts or a cursor after the run ended), so nothing of an ended
+#: run is left or re-created. The results hash and the notify list get the run TTL when the notify
+#: list is created (it is empty, so gone, whenever the driver has caught up: the results hash is
+#: only ever emptied by a driver that has caught up), not on every result.
 PUBLISH_RESULT = """
 local function drop_chunk_state()
-  redis.call('HDEL', KEYS[4], ARGV[1])
-  if ARGV[7] == '1' then
+  if ARGV[6] == '1' then
     redis.call('HDEL', KEYS[5], ARGV[1], ARGV[1] .. ':term')
   end
-  if ARGV[6] ~= '1' then
+  if ARGV[5] ~= '1' then
     return
   end
   local offsets = redis.call('HGET', KEYS[6], ARGV[1])
@@ -356,28 +360,32 @@ local function drop_chunk_state()
   end
 end
 local state = redis.call('HGET', KEYS[3], 'state')
-if state == false then
+if state == false or state == 'done' or state == 'cancelled' or state == 'failed' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  if state ~= false then
+    redis.call('HDEL', KEYS[4], ARGV[1])
+    ARGV[6] = '1'
+    drop_chunk_state()
+  end
   return -1
 end
-if state == 'done' or state == 'cancelled' or state == 'failed' then
-  ARGV[7] = '1'
-  drop_chunk_state()
-  return -1
-end
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+if redis.call('HDEL', KEYS[4], ARGV[1]) == 0 then
+  if redis.call('TTL', KEYS[1]) == -1 then
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  end
   return 0
 end
 drop_chunk_state()
 if redis.call('RPUSH', KEYS[2], ARGV[1]) == 1 then
-  local ttl = tonumber(ARGV[5])
+  local ttl = tonumber(ARGV[4])
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
 end
-if ARGV[3] ~= '0' then
-  redis.call('HINCRBY', KEYS[3], 'done', ARGV[3])
+if ARGV[2] ~= '0' then
+  redis.call('HINCRBY', KEYS[3], 'done', ARGV[2])
 end
-if ARGV[4] ~= '0' then
-  redis.call('HINCRBY', KEYS[3], 'failed', ARGV[4])
+if ARGV[3] ~= '0' then
+  redis.call('HINCRBY', KEYS[3], 'failed', ARGV[3])
 end
 return 1
 """
@@ -404,15 +412,29 @@ def publish_result(
     parts: bool = True,
     cursor: bool = True,
 ) -> int:
-    """Run PUBLISH_RESULT for one chunk; see there for the return value. ``parts=False`` (the
-    delivery neither found nor wrote progressive parts, the common case) skips looking for them:
-    parts another delivery may still write go with the run's keys when the run ends.
-    ``cursor=False`` (not careful mode, not draining) leaves the cursor hash alone."""
-    return script(conn, PUBLISH_RESULT)(
-        keys=[keys.results, keys.notify, keys.meta, keys.items, keys.cursor, keys.parts],
-        args=[chunk_no, blob, ok, failed, run_ttl(), int(parts), int(cursor)],
-        client=conn,
-    )
+    """Store one chunk's result: ``HSETNX`` of the blob, then PUBLISH_RESULT, in one round trip;
+    see there for the return value. ``parts=False`` (the delivery neither found nor wrote
+    progressive parts, the common case) skips looking for them: parts another delivery may still
+    write go with the run's keys when the run ends. ``cursor=False`` (not careful mode, not
+    draining) leaves the cursor hash alone."""
+    publish = script(conn, PUBLISH_RESULT)
+    run_keys = [keys.results, keys.notify, keys.meta, keys.items, keys.cursor, keys.parts]
+    args = [chunk_no, ok, failed, run_ttl(), int(parts), int(cursor)]
+    for attempt in range(2):
+        # (EVALSHA itself: a Script in a pipeline costs a SCRIPT EXISTS round trip first)
+        with conn.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(keys.results, chunk_no, blob)
+            pipe.evalsha(publish.sha, len(run_keys), *run_keys, *args)
+            written, published = pipe.execute(raise_on_error=False)
+        if isinstance(written, Exception):  # refused (out of memory, say): the caller decides
+            raise written
+        if isinstance(published, NoScriptError) and not attempt:
+            conn.script_load(PUBLISH_RESULT)  # a restarted server: the HSETNX is repeated harmlessly
+            continue
+        if isinstance(published, Exception):
+            raise published
+        return int(published)
+    raise AssertionError("unreachable")
 
 
 #: Ends a run early (cancelled, or failed): KEYS = meta, cancel marker, then the run's data keys

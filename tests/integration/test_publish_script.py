@@ -49,11 +49,39 @@ def test_publish_result_for_a_finished_run_is_dropped_on_real_redis(conn, state)
 def test_publishing_a_chunk_removes_its_parts_and_drain_marker_but_not_others(conn):
     keys = RunKeys(protocol.new_run_id())
     conn.hset(keys.meta, mapping={"state": "running", "done": 0, "failed": 0})
+    conn.hset(keys.items, mapping={0: b"items of chunk 0"})
     conn.hset(keys.parts, mapping={"0": "0 3", "0:0": b"a", "0:3": b"b", "1": "0", "1:0": b"c"})
     conn.hset(keys.cursor, mapping={"0": 4, protocol.term_field(0): 1, protocol.term_field(1): 1})
     try:
         assert _publish(conn, keys, 0, b"whole chunk", 5, 0) == 1
         assert sorted(conn.hkeys(keys.parts)) == [b"1", b"1:0"]
         assert conn.hkeys(keys.cursor) == [protocol.term_field(1).encode()]
+    finally:
+        conn.delete(*keys.all())
+
+
+def test_a_server_that_lost_its_scripts_gets_the_script_again_and_one_result(conn):
+    keys = RunKeys(protocol.new_run_id())
+    conn.hset(keys.meta, mapping={"state": "running", "done": 0, "failed": 0})
+    conn.hset(keys.items, mapping={0: b"items of chunk 0"})
+    conn.script_flush()  # what a restarted server without persistence has
+    try:
+        assert _publish(conn, keys, 0, b"first", 2, 0) == 1
+        assert conn.hget(keys.results, "0") == b"first" and conn.lrange(keys.notify, 0, -1) == [b"0"]
+        assert conn.hget(keys.meta, "done") == b"2"
+    finally:
+        conn.delete(*keys.all())
+
+
+def test_a_late_duplicate_after_the_driver_took_the_result_leaves_nothing_without_a_ttl(conn):
+    keys = RunKeys(protocol.new_run_id())
+    conn.hset(keys.meta, mapping={"state": "running", "done": 0, "failed": 0})
+    conn.hset(keys.items, mapping={0: b"items of chunk 0"})
+    try:
+        assert _publish(conn, keys, 0, b"first", 1, 0) == 1
+        conn.delete(keys.results, keys.notify)  # a streaming driver took it (and caught up)
+        assert _publish(conn, keys, 0, b"late copy", 1, 0) == 0
+        assert conn.lrange(keys.notify, 0, -1) == [] and conn.hget(keys.meta, "done") == b"1"
+        assert 0 < conn.ttl(keys.results) <= 100  # the copy it re-created expires with the run
     finally:
         conn.delete(*keys.all())

@@ -84,6 +84,7 @@ def _publish(conn, keys: RunKeys, chunk_no: int, blob: bytes, ok: int, failed: i
 def test_publish_result_stores_once_and_drops_duplicates(fake):
     keys = RunKeys(protocol.new_run_id())
     fake.hset(keys.meta, mapping={"state": "running", "done": 0, "failed": 0})
+    fake.hset(keys.items, mapping={3: b"items of chunk 3", 4: b"items of chunk 4"})  # what workers read
 
     assert _publish(fake, keys, 3, b"first", 4, 1) == 1
     assert fake.hget(keys.results, "3") == b"first"
