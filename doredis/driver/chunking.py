@@ -160,9 +160,9 @@ class ChunkSizer:
         per = self.per_task()
         spread = MAX_CHUNK if remaining is None else math.ceil(remaining / (CHUNKS_PER_WORKER * workers))
         if per is None and self._at_least is not None:
-            # Slower than the probe wait: sized by that lower bound, and spread over the workers
-            # (one task per chunk for a short input), until measured.
-            return int(max(1, min(TARGET_SECONDS / self._at_least, spread)))
+            # Slower than the probe wait: MIN_SECONDS of work by that lower bound (one task for a
+            # probe of one task), spread over the workers, until measured.
+            return int(max(1, min(MIN_SECONDS / self._at_least, spread)))
         if per is None:  # nothing to go by yet (no worker connected): the static rule
             seen = self.n if self.n is not None else max(tasks_cut, LOOKAHEAD)
             return adaptive_chunk_size(seen, workers)

@@ -253,7 +253,7 @@ class Run:
     def _finish(self, collector: Collector) -> None:
         """All results are in: free their memory in Redis, keep the summary for ``status``."""
         self._ended_here = True
-        with self.conn.pipeline() as pipe:
+        with self.conn.pipeline(transaction=False) as pipe:  # (a late result meanwhile expires)
             pipe.delete(*self.keys.all_but(self.keys.meta))
             pipe.hset(self.keys.meta, "state", protocol.DONE)
             pipe.expire(self.keys.meta, 3600)

@@ -274,8 +274,10 @@ class _Submitter:
 
     def _enqueue(self, batch: list[int]) -> None:
         """Store a batch of chunks' items, then enqueue their rq jobs, in one round trip (with
-        the run itself before the first batch)."""
-        with self.conn.pipeline() as pipe:
+        the run itself before the first batch). No MULTI: the commands run in order, so a worker
+        never sees a job before its items; a batch cut short is sent again whole (a MULTI would
+        not spare that either: its EXEC may be the part whose reply was lost)."""
+        with self.conn.pipeline(transaction=False) as pipe:
             self.store_run(pipe)
             self.source.enqueue(pipe, self.queue, batch, register=not self._run_stored)
             # (a meta that Redis lost comes back as this one field: the health check reads a meta
@@ -288,7 +290,7 @@ class _Submitter:
         """Every chunk is enqueued: the run's size is known."""
         if not self._run_stored:  # no chunk at all (an empty input): the run is stored alone
             def store() -> None:
-                with self.conn.pipeline() as pipe:
+                with self.conn.pipeline(transaction=False) as pipe:
                     self.store_run(pipe)
                     pipe.execute()
 

@@ -82,15 +82,12 @@ def test_without_any_worker_nothing_is_probed_and_the_static_rule_applies():
     assert _cut(sizer, range(1000))[0] == adaptive_chunk_size(1000, 1)
 
 
-def test_tasks_slower_than_the_probe_wait_are_sized_by_that_bound_and_spread_until_measured():
+def test_tasks_slower_than_the_probe_wait_are_sized_by_that_bound_until_measured():
     sizer = ChunkSizer(100, 2)
     assert sizer.wants_probe_result(2) and not sizer.wants_probe_result(1)
     sizer.assume_at_least(0.05)  # a probe of one task (100 < 2 x 64) did not end in 50 ms
     assert not sizer.wants_probe_result(2)
-    assert sizer.size(2, 2) == int(TARGET_SECONDS / 0.05)  # 10: a chunk holds 0.5 s at that bound
-    short = ChunkSizer(40, 4)
-    short.assume_at_least(0.05)
-    assert short.size(4, 4) == 3  # but never more than a 1 / (4 x workers) share of what is left
+    assert sizer.size(2, 2) == 1  # MIN_SECONDS of work at that bound: one task
     sizer.observe(1, 0.001)  # measured at last: 1 ms tasks, the whole run 100 ms: 50 ms chunks
     assert sizer.size(3, 3) == int(MIN_SECONDS / 0.001) == 50
 
@@ -99,7 +96,10 @@ def test_a_probe_of_several_tasks_that_did_not_end_bounds_each_task_by_its_share
     sizer = ChunkSizer(100_000, 2)
     assert sizer.probe_tasks() == PROBE_TASKS
     sizer.assume_at_least(0.05)
-    assert sizer.size(128, 2) == int(TARGET_SECONDS / (0.05 / PROBE_TASKS))
+    assert sizer.size(128, 2) == int(MIN_SECONDS / (0.05 / PROBE_TASKS)) == PROBE_TASKS
+    short = ChunkSizer(300, 1)  # a probe of 4 tasks (300 // 64) that did not end in 50 ms
+    short.assume_at_least(0.05)
+    assert short.size(4, 1) == 4  # 50 ms at 12.5 ms a task, at least
 
 
 def test_a_fixed_chunk_size_is_kept_and_reads_no_generator_ahead():
