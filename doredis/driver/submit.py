@@ -244,9 +244,7 @@ class _Submitter:
             popped = self.outage.call(self.conn.blpop, [keys.notify], timeout=wait)
             if popped is None:
                 break
-            chunk_nos = [int(popped[1])]
-            more = self.outage.call(self.conn.lpop, keys.notify, 64)
-            chunk_nos += [int(c) for c in more or ()]
+            chunk_nos = [int(popped[1])]  # (one measurement is enough: no LPOP for more)
             blobs = self.outage.call(self.conn.hmget, keys.results, chunk_nos)
             for chunk_no, blob in zip(chunk_nos, blobs, strict=True):
                 if blob is None:

@@ -56,7 +56,10 @@ def run_chunk(run_id: str, chunk_no: int, start: int) -> Retry | None:
         protocol.CHUNK_REDELIVERIES - (job.retries_left or 0) + 1 if job.retries_left is not None else 1
     )
 
-    found = retrying(_read_state, conn, keys, chunk_no)
+    # A first delivery (not redelivered after a death, not handed back) has no earlier delivery's
+    # cursor, drain marker or progressive parts to find: it reads only its items.
+    first = delivery == 1 and job.retries_left is not None and not job.number_of_retries
+    found = retrying(_read_state, conn, keys, chunk_no, first)
     if found.items is None:  # a stored result, or an ended run, dropped the chunk's items
         log.info(
             "chunk %d of run %s already has a result, or its run ended; this delivery is dropped",
@@ -180,10 +183,15 @@ class _Found:
     parts: bytes | None = None  # the offsets of the progressive parts earlier deliveries wrote
 
 
-def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int) -> _Found:
-    """One round trip, three commands. A run that ended (gathered, cancelled, failed, purged) or
-    expired has no items left (END_RUN and the gather's end delete them with its data), like a
-    chunk whose result is stored: either way this delivery has nothing to do."""
+def _read_state(conn: redis.Redis, keys: RunKeys, chunk_no: int, first: bool = False) -> _Found:
+    """One round trip: the chunk's items, and unless this is its ``first`` delivery, what earlier
+    deliveries left (the cursor and drain marker, the progressive parts). A run that ended
+    (gathered, cancelled, failed, purged) or expired has no items left (END_RUN and the gather's
+    end delete them with its data), like a chunk whose result is stored: either way this delivery
+    has nothing to do. (A chunk the driver enqueued again after Redis lost its job counts as a
+    first delivery: parts that survived that loss are not reused, their tasks run again.)"""
+    if first:
+        return _Found(None, False, conn.hget(keys.items, chunk_no), None)
     with conn.pipeline(transaction=False) as pipe:
         pipe.hget(keys.items, chunk_no)
         pipe.hmget(keys.cursor, [chunk_no, protocol.term_field(chunk_no)])
