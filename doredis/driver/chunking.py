@@ -41,9 +41,13 @@ TARGET_SECONDS = float(os.environ.get("DOREDIS_CHUNK_SECONDS", 0.5))
 TARGET_BYTES = 8 << 20
 #: Spreading the tail over every worker never makes a chunk shorter than this much work.
 MIN_SECONDS = 0.05
-#: How long submit() waits for the probe chunks' durations before sizing the rest; tasks that
-#: take longer are assumed to take at least this long until measured.
-PROBE_WAIT = 0.05
+#: How long submit() waits at most for the first probe result before sizing the rest (it goes on
+#: as soon as one arrives). Each connected worker has a probe chunk meanwhile, so the wait costs
+#: no throughput, and sizing from a measurement spares a run of 100 ms tasks hundreds of one-task
+#: chunks. Tasks still running by then take at least this long (divided by a probe's tasks)
+#: until measured; probes that have not even started (the workers are busy with other runs)
+#: tell nothing, and the static rule sizes the rest.
+PROBE_WAIT = 1.0
 #: A probe chunk holds up to this many tasks, and at most ``1 / PROBE_SHARE`` of a worker's
 #: share of the input (so one task when the input is short: a slow probe delays little).
 PROBE_TASKS = 64
@@ -104,6 +108,7 @@ class ChunkSizer:
         self._item_tasks = 0
         self._item_bytes = 0
         self._at_least: float | None = None  # a lower bound on a task's duration, before measurements
+        self._probe_over = False  # the probe was measured, timed out, or gave up
 
     def observe(self, tasks: int, seconds: float, nbytes: int = 0) -> None:
         """A chunk of ``tasks`` tasks ran in ``seconds`` on its worker; its results took ``nbytes``."""
@@ -135,18 +140,27 @@ class ChunkSizer:
         """No probe chunk ended within ``seconds``: a task takes at least that long divided by
         the probe chunks' tasks."""
         with self._measured:
+            self._probe_over = True
             if self._tasks == 0:
                 self._at_least = max(self._at_least or 0.0, seconds / max(self.probe_tasks(), 1))
+
+    def probe_told_nothing(self) -> None:
+        """No probe chunk even started within the wait: size by the static rule until measured."""
+        with self._measured:
+            self._probe_over = True
 
     def per_task(self) -> float | None:
         """The mean measured duration of a task, None before any measurement."""
         with self._measured:
             return self._seconds / self._tasks if self._tasks else None
 
-    def wants_probe_result(self, chunks_cut: int) -> bool:
-        """Should the next chunk wait for the probe's measurements?"""
+    def wants_probe_result(self, chunks_cut: int, tasks_cut: int | None = None) -> bool:
+        """Should the next chunk wait for the probe's measurements? (Not when ``tasks_cut`` is
+        every task: an input no longer than the probe has nothing left to size.)"""
         with self._measured:
-            unknown = self._tasks == 0 and self._at_least is None
+            unknown = self._tasks == 0 and not self._probe_over
+        if tasks_cut is not None and self.n is not None and tasks_cut >= self.n:
+            return False
         return self.probe_chunks > 0 and chunks_cut >= self.probe_chunks and unknown
 
     def size(self, tasks_cut: int, chunks_cut: int) -> int:

@@ -313,8 +313,12 @@ class Run:
             wait = WAIT_SLICE
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError(f"run {self.id}: results not ready by the deadline")
+                if wait <= 0:  # past the deadline, what has arrived is still returned
+                    arrived = self._redis(self.conn.lpop, self.keys.notify, _BATCH)
+                    if not arrived:
+                        raise TimeoutError(f"run {self.id}: results not ready by the deadline")
+                    yield from self._fetch([int(c) for c in arrived], seen)
+                    continue
             popped = self._redis(self.conn.blpop, [self.keys.notify], timeout=max(wait, 0.01))
             if popped is None or time.monotonic() - last_check > HEALTH_INTERVAL:
                 last_check = time.monotonic()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis
 from rq import Queue
+from rq.job import Job
 
 from .. import connection, outage, protocol, serialization, shipping, versions
 from ..outage import Outage
@@ -211,7 +212,7 @@ class _Submitter:
                 batch = []
                 if not self.source.wait_for_room(self.chunk_no):
                     break
-            if self.source.sizer.wants_probe_result(self.chunk_no):
+            if self.source.sizer.wants_probe_result(self.chunk_no, self.total):
                 self._flush(batch)  # the probe goes out; its measured durations size the rest
                 batch = []
                 self._await_probe()
@@ -235,10 +236,12 @@ class _Submitter:
         self._flush(batch)
 
     def _await_probe(self) -> None:
-        """Wait up to PROBE_WAIT for the probe chunks' results and measure them (they are kept for
-        the gather); tasks still running by then take at least that long."""
+        """Wait up to PROBE_WAIT for a probe chunk's result and measure it (it is kept for the
+        gather); tasks still running by then take at least that long; if no probe chunk even
+        started (the workers are busy with other work), the wait told nothing."""
         sizer = self.source.sizer
-        deadline = time.monotonic() + PROBE_WAIT
+        began = time.monotonic()
+        deadline = began + PROBE_WAIT
         keys = self.source.keys
         while not sizer.measured() and (wait := deadline - time.monotonic()) > 0.001:
             popped = self.outage.call(self.conn.blpop, [keys.notify], timeout=wait)
@@ -257,8 +260,20 @@ class _Submitter:
                 else:
                     sizer.observe(result.count, result.elapsed, len(blob))
                 self.source.early.append((chunk_no, blob, result))
-        if not sizer.measured():
-            sizer.assume_at_least(PROBE_WAIT)
+        if sizer.measured():
+            return
+        if self.outage.call(self._a_probe_started):
+            sizer.assume_at_least(time.monotonic() - began)
+        else:
+            sizer.probe_told_nothing()
+
+    def _a_probe_started(self) -> bool:
+        """Has a worker taken one of the probe chunks (its rq job is started, or gone: done)?"""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for chunk_no in range(min(self.source.sizer.probe_chunks, self.chunk_no)):
+                pipe.hget(Job.key_for(protocol.job_id(self.source.run_id, chunk_no)), "status")
+            statuses = pipe.execute()
+        return any(status != b"queued" for status in statuses)
 
     def _flush(self, batch: list[int]) -> None:
         if batch:

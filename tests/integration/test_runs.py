@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -132,3 +133,20 @@ def test_a_chunk_that_vanishes_is_reported_to_an_attached_driver_not_waited_for(
     conn.delete(Job.key_for(protocol.job_id(run.id, 1)))
     with pytest.raises(RuntimeError, match="vanished"):
         doredis.attach(run.id, redis=redis_url).results()
+
+
+@pytest.mark.timeout(60)
+def test_results_that_arrived_before_a_past_deadline_are_still_returned(redis_url, queue, workers):
+    """A deadline that has passed raises TimeoutError only for what is not there yet."""
+    import time
+
+    workers.start(1)
+    fn = functools.partial(tasks.sleep_then_square, seconds=0.0)
+    run = doredis.submit(range(3), fn, chunk_size=1, redis=redis_url, queue=queue, progress=False)
+    wait_until(lambda: run.progress()[0] == 3, 30, "the three results")
+    assert list(run.iterate(deadline=time.monotonic() - 1)) == [0, 1, 4]
+    late = doredis.submit([5], functools.partial(tasks.sleep_then_square, seconds=5), redis=redis_url,
+                          queue=queue, progress=False)
+    with pytest.raises(TimeoutError):
+        next(late.iterate(deadline=time.monotonic() - 1))
+    late.cancel()

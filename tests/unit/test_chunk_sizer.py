@@ -135,3 +135,17 @@ def test_a_range_is_cut_into_ranges_and_a_tuple_into_lists():
     chunks = list(cut_chunks(range(3, 13), sizer))
     assert chunks == [range(3, 7), range(7, 11), range(11, 13)]  # they travel as two numbers
     assert list(cut_chunks((1, 2, 3), ChunkSizer(None, 2, fixed=2))) == [[1, 2], [3]]
+
+
+def test_probes_that_never_started_tell_nothing_and_the_static_rule_sizes_the_rest():
+    sizer = ChunkSizer(10_000, 2)
+    assert sizer.wants_probe_result(2)
+    sizer.probe_told_nothing()  # the workers were busy with another run all through the wait
+    assert not sizer.wants_probe_result(2)
+    assert sizer.size(2 * sizer.probe_tasks(), 2) == adaptive_chunk_size(10_000, 2)
+
+
+def test_an_input_no_longer_than_the_probe_waits_for_nothing():
+    sizer = ChunkSizer(1, 2)  # one call (an Executor's submit): one probe chunk, nothing to size
+    assert not sizer.wants_probe_result(1, tasks_cut=1)
+    assert ChunkSizer(10, 2).wants_probe_result(2, tasks_cut=2)
