@@ -60,28 +60,26 @@ def test_publishing_a_chunk_removes_its_parts_and_drain_marker_but_not_others(co
         conn.delete(*keys.all())
 
 
-def test_a_server_that_lost_its_scripts_gets_the_script_again_and_one_result(conn):
+@pytest.fixture
+def running(conn):
+    """A running run whose chunk 0 has its items stored, as a worker finds it; removed after."""
     keys = RunKeys(protocol.new_run_id())
     conn.hset(keys.meta, mapping={"state": "running", "done": 0, "failed": 0})
     conn.hset(keys.items, mapping={0: b"items of chunk 0"})
+    yield keys
+    conn.delete(*keys.all())
+
+
+def test_a_server_that_lost_its_scripts_gets_the_script_again_and_one_result(conn, running):
     conn.script_flush()  # what a restarted server without persistence has
-    try:
-        assert _publish(conn, keys, 0, b"first", 2, 0) == 1
-        assert conn.hget(keys.results, "0") == b"first" and conn.lrange(keys.notify, 0, -1) == [b"0"]
-        assert conn.hget(keys.meta, "done") == b"2"
-    finally:
-        conn.delete(*keys.all())
+    assert _publish(conn, running, 0, b"first", 2, 0) == 1
+    assert conn.hget(running.results, "0") == b"first" and conn.lrange(running.notify, 0, -1) == [b"0"]
+    assert conn.hget(running.meta, "done") == b"2"
 
 
-def test_a_late_duplicate_after_the_driver_took_the_result_leaves_nothing_without_a_ttl(conn):
-    keys = RunKeys(protocol.new_run_id())
-    conn.hset(keys.meta, mapping={"state": "running", "done": 0, "failed": 0})
-    conn.hset(keys.items, mapping={0: b"items of chunk 0"})
-    try:
-        assert _publish(conn, keys, 0, b"first", 1, 0) == 1
-        conn.delete(keys.results, keys.notify)  # a streaming driver took it (and caught up)
-        assert _publish(conn, keys, 0, b"late copy", 1, 0) == 0
-        assert conn.lrange(keys.notify, 0, -1) == [] and conn.hget(keys.meta, "done") == b"1"
-        assert 0 < conn.ttl(keys.results) <= 100  # the copy it re-created expires with the run
-    finally:
-        conn.delete(*keys.all())
+def test_a_late_duplicate_after_the_driver_took_the_result_leaves_nothing_without_a_ttl(conn, running):
+    assert _publish(conn, running, 0, b"first", 1, 0) == 1
+    conn.delete(running.results, running.notify)  # a streaming driver took it (and caught up)
+    assert _publish(conn, running, 0, b"late copy", 1, 0) == 0
+    assert conn.lrange(running.notify, 0, -1) == [] and conn.hget(running.meta, "done") == b"1"
+    assert 0 < conn.ttl(running.results) <= 100  # the copy it re-created expires with the run
