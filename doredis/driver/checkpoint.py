@@ -371,6 +371,25 @@ class CheckpointStore:
             for start, items, failed, data in pending
         ]
 
+    #: Data at least this large is written into its row with SQLite's incremental blob I/O, which
+    #: copies it from our buffer into the database's pages with the GIL released (a bound
+    #: parameter is first copied whole, holding the GIL).
+    _BLOB_IO = 1 << 20
+
+    def _insert(self, rows: list[tuple]) -> None:
+        small = [row for row in rows if len(row[4]) < self._BLOB_IO]
+        if small:
+            self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)", small)
+        for start, count, fingerprint, failed, data in rows:
+            if len(data) < self._BLOB_IO:
+                continue
+            cursor = self._db.execute(
+                "INSERT INTO chunks VALUES (?, ?, ?, ?, zeroblob(?))",
+                (start, count, fingerprint, failed, len(data)),
+            )
+            with self._db.blobopen("chunks", "data", cursor.lastrowid) as blob:
+                blob.write(data)
+
     def _flush_loop(self) -> None:
         """Insert rows as they are recorded (so the disk writes overlap the run), and commit
         within ``FLUSH_INTERVAL`` of the first uncommitted one; commit the rest on close."""
@@ -393,7 +412,7 @@ class CheckpointStore:
                         if began is None:
                             self._db.execute("BEGIN")
                             began = time.monotonic()
-                        self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)", rows)
+                        self._insert(rows)
                     if began is not None and (closed or time.monotonic() - began >= FLUSH_INTERVAL):
                         self._db.execute("COMMIT")
                         began = None
