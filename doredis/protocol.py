@@ -420,21 +420,22 @@ def publish_result(
     publish = script(conn, PUBLISH_RESULT)
     run_keys = [keys.results, keys.notify, keys.meta, keys.items, keys.cursor, keys.parts]
     args = [chunk_no, ok, failed, run_ttl(), int(parts), int(cursor)]
-    for attempt in range(2):
+
+    def send() -> tuple:
         # (EVALSHA itself: a Script in a pipeline costs a SCRIPT EXISTS round trip first)
         with conn.pipeline(transaction=False) as pipe:
             pipe.hsetnx(keys.results, chunk_no, blob)
             pipe.evalsha(publish.sha, len(run_keys), *run_keys, *args)
-            written, published = pipe.execute(raise_on_error=False)
-        if isinstance(written, Exception):  # refused (out of memory, say): the caller decides
-            raise written
-        if isinstance(published, NoScriptError) and not attempt:
-            conn.script_load(PUBLISH_RESULT)  # a restarted server: the HSETNX is repeated harmlessly
-            continue
-        if isinstance(published, Exception):
-            raise published
-        return int(published)
-    raise AssertionError("unreachable")
+            return pipe.execute(raise_on_error=False)
+
+    written, published = send()
+    if isinstance(published, NoScriptError):
+        conn.script_load(PUBLISH_RESULT)  # a restarted server: the HSETNX is repeated harmlessly
+        written, published = send()
+    for reply in (written, published):  # the HSETNX refused (out of memory, say): the caller decides
+        if isinstance(reply, Exception):
+            raise reply
+    return int(published)
 
 
 #: Ends a run early (cancelled, or failed): KEYS = meta, cancel marker, then the run's data keys

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
 MIN_CHUNKS = 32
@@ -195,6 +195,17 @@ class ChunkSizer:
         return int(max(1, min(MAX_CHUNK, by_time, max(spread, min(floor, share)))))
 
 
+#: Inputs whose chunks are slices of them (see :func:`slice_chunk`).
+SLICED = (list, tuple, range)
+
+
+def slice_chunk(items: Sequence, lo: int, hi: int) -> Sequence:
+    """Items ``lo..hi-1`` of a list, tuple or range as a chunk: a list, or a range for a range (its
+    chunks travel as two numbers, not as a list of ints to pickle and rebuild)."""
+    chunk = items[lo:hi]
+    return list(chunk) if type(chunk) is tuple else chunk
+
+
 def cut_chunks(items: Iterable, sizer: ChunkSizer) -> Iterator[list]:
     """Yield lists of consecutive items (ranges, for a ``range``), each as long as ``sizer`` says
     when it is cut; consumes ``items`` lazily. An input without a length is read ahead up to
@@ -210,12 +221,12 @@ def cut_chunks(items: Iterable, sizer: ChunkSizer) -> Iterator[list]:
                 if len(head) < LOOKAHEAD:
                     sizer.n = len(head)
     tasks = chunks = 0
-    if type(items) in (list, tuple, range):  # sliced, not stepped through item by item
-        while chunk := items[tasks : tasks + sizer.size(tasks, chunks)]:
+    if type(items) in SLICED:  # sliced, not stepped through item by item
+        while chunk := slice_chunk(items, tasks, tasks + sizer.size(tasks, chunks)):
             tasks += len(chunk)
             chunks += 1
-            yield chunk if type(chunk) is not tuple else list(chunk)  # a range's stays a range:
-        return  # its chunks travel as two numbers, not as a list of ints to pickle and rebuild
+            yield chunk
+        return
     while True:
         size = sizer.size(tasks, chunks)
         chunk = head[:size]

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..protocol import ChunkResult
 from .checkpoint import CheckpointStore, StoredChunk, function_fingerprint, items_fingerprint
-from .chunking import ChunkSizer
+from .chunking import SLICED, ChunkSizer, slice_chunk
 from .collect import Collector
 from .options import RunOptions
 
@@ -49,8 +49,8 @@ class Resume:
     ) -> Resume:
         """Open (or create) the checkpoint for ``fn`` over ``items``; a CheckpointError, with the
         file unchanged, when it is another run's."""
-        if type(items) not in (list, tuple, range):  # (those are sliced as they are: a range's
-            items = list(items)  # chunks travel as ranges, see chunking.cut_chunks)
+        if type(items) not in SLICED:  # (those are cut as they are: see chunking.slice_chunk)
+            items = list(items)
         kind = "reduce" if options.reduce is not None else "list"
         function = function_fingerprint(fn, options.reduce, options.seed)
         store = CheckpointStore.open(path, kind=kind, items=len(items), function=function, reuse=reuse)
@@ -110,9 +110,7 @@ class Resume:
         for lo, hi in self.missing():
             start = lo
             while start < hi:
-                chunk = self.items[start : min(start + sizer.size(tasks, cut), hi)]
-                if type(chunk) is tuple:
-                    chunk = list(chunk)
+                chunk = slice_chunk(self.items, start, min(start + sizer.size(tasks, cut), hi))
                 yield start, chunk
                 start += len(chunk)
                 tasks += len(chunk)

@@ -302,13 +302,7 @@ class _Submitter:
     def finish(self) -> None:
         """Every chunk is enqueued: the run's size is known."""
         if not self._run_stored:  # no chunk at all (an empty input): the run is stored alone
-            def store() -> None:
-                with self.conn.pipeline(transaction=False) as pipe:
-                    self.store_run(pipe)
-                    pipe.execute()
-
-            self.outage.call(store)
-            self._run_stored = True
+            self.outage.call(self._enqueue, [])
         fields = {"total": self.total, "chunks": self.chunk_no, "state": protocol.RUNNING}
         self.outage.call(protocol.update_meta, self.conn, self.source.keys, fields)  # only if still live
         self.source.finished = True
