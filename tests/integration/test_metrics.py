@@ -248,7 +248,13 @@ def test_the_exporter_serves_rq_exporter_names_and_doredis_queue_figures(
     redis_url, queue, workers, exporter, conn
 ):
     workers.start(2)
-    idle = scrape(exporter)
+
+    def both_idle():  # rq registers a worker "started", then marks it idle as it starts to listen
+        s = scrape(exporter)
+        states = [x.labels["state"] for x in s.samples("rq_workers", queues=queue)]
+        return s if states == ["idle", "idle"] else None
+
+    idle = wait_until(both_idle, 20, "two idle workers")
     # rq-exporter's families, with its types and label names
     for name, (kind, labels) in RQ_EXPORTER_FAMILIES.items():
         family = idle.families[name]
