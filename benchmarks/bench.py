@@ -17,8 +17,8 @@ Rows (timed figures are medians of interleaved rounds, so a busy moment hits eve
    Targets >= 80 % and >= 95 % of the ideal 640 tasks/s; Redis CPU per 1,000 chunks.
 6. Plain rq (one job per task, SimpleWorker), to show what chunking buys.
 7. The cost of ``checkpoint=PATH`` (every result written to a local SQLite file as it arrives):
-   rows 3 (7a) and 2 (7b) over TCP with and without a checkpoint (a new file each round,
-   interleaved). Target: the checkpointed run keeps >= 0.5x the plain one's rate.
+   rows 3 (7a) and 2 (7b) over TCP with and without a checkpoint (a new file each round, removed
+   after it, interleaved). Target: the checkpointed run keeps >= 0.5x the plain one's rate.
 
 For every doredis row, Redis's own counters (``CONFIG RESETSTAT``, then ``INFO commandstats``
 around one run; commands run inside Lua scripts count too) give the **Redis commands per chunk and
@@ -683,6 +683,10 @@ class Bench:
             path = directory / f"run-{next(files)}.ckpt"
             self.gather("tcp", range(n), fn, checkpoint=path)
             sizes.append(path.stat().st_size)
+            # One run, one file, as a user's run has: left in place, the rounds' files pile up in the
+            # page cache (1 GiB on row 7b), and on the project's VM writing the next one then costs
+            # the kernel about twice the CPU (see the README).
+            path.unlink()
 
         try:
             plain = lambda: self.gather("tcp", range(n), fn)  # noqa: E731
