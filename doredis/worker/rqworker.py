@@ -85,6 +85,28 @@ class _DoredisMixin:
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return protocol.HEARTBEAT_TTL
 
+    def maintain_heartbeats(self, job, execution) -> None:
+        """rq's maintain_heartbeats (once a second while a chunk is in hand) without its MULTI/EXEC:
+        each write refreshes a timestamp or a TTL on its own, so nothing needs them together, and a
+        busy worker's beat costs 9 commands instead of 11 (64 busy workers: 128 fewer a second)."""
+        worker_ttl = self.job_monitoring_interval + 60
+        with self.connection.pipeline(transaction=False) as pipe:
+            self.heartbeat(worker_ttl, pipeline=pipe)
+            working = (utcnow() - job.started_at).total_seconds() if job.started_at else 0.0
+            ttl = int(self.get_heartbeat_ttl(job, working_time=working))
+            execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
+            job_index = len(pipe)
+            job.heartbeat(utcnow(), ttl, pipeline=pipe, xx=True)
+            replies = pipe.execute()
+            # As rq does: the job ended meanwhile (result_ttl=0 deleted it) and this HSET created a
+            # stub of it, or the worker's hash had expired and was created again without a TTL.
+            if replies[job_index] == 1:
+                pipe.delete(job.key)
+            if replies[0] == 1:
+                pipe.hset(self.key, mapping=self.serialize())
+                pipe.expire(self.key, worker_ttl)
+            pipe.execute()  # (nothing is sent when nothing was queued)
+
     # -- a chunk's rq bookkeeping: what rq writes, in one round trip at each end -------------------
     # rq spends about 50 commands and 9 round trips on a job's bookkeeping; a chunk needs what rq's
     # tooling reads (the worker busy on the job, the job started, in the started registry, with

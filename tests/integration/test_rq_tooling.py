@@ -7,13 +7,14 @@ import functools
 
 import pytest
 import tasks
-from helpers import wait_until
+from helpers import WorkerPool, wait_until
 from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 import doredis
 from doredis import protocol
+from doredis.embedded import RedisServer
 
 
 @pytest.mark.timeout(60)
@@ -37,3 +38,35 @@ def test_rq_sees_the_chunk_started_on_a_busy_worker_and_nothing_once_done(redis_
     assert registry.get_job_ids() == [] and not conn.exists(Job.key_for(job_id))
     assert not conn.exists(f"rq:worker:{worker.name}:executions")  # no execution left behind
     assert q.count == 0 and q.finished_job_registry.count == 0  # result_ttl=0: nothing kept
+
+
+@pytest.mark.timeout(60)
+def test_a_chunk_in_hand_is_heartbeaten_every_second_without_transactions(tmp_path, queue):
+    """What rq's tooling shows of a long chunk (its job's last heartbeat, the started registry's
+    expiry) moves on while it runs, and those beats send no MULTI/EXEC."""
+    server = RedisServer(tcp=True)  # its own server: commandstats counts every client's commands
+    pool = WorkerPool(server.url, queue, tmp_path)
+    try:
+        conn = pool.conn
+        pool.start(1)
+        fn = functools.partial(tasks.started_at, seconds=8.0)
+        run = doredis.submit(range(1), fn, chunk_size=1, redis=server.url, queue=queue, progress=False)
+        job_key = Job.key_for(protocol.job_id(run.id, 0))
+        registry = StartedJobRegistry(queue=Queue(queue, connection=conn))
+        wait_until(lambda: conn.hget(job_key, "last_heartbeat"), 20, "the chunk started")
+        conn.config_resetstat()  # from here to the third beat only the chunk's heartbeats write
+        beats, expiries = set(), set()
+
+        def moved_on() -> bool:
+            beats.add(conn.hget(job_key, "last_heartbeat"))
+            expiries.update(score for _, score in conn.zrange(registry.key, 0, -1, withscores=True))
+            return len(beats - {None}) >= 3 and len(expiries) >= 3
+
+        wait_until(moved_on, 7, "three heartbeats of the chunk in hand")
+        calls = {name: stats["calls"] for name, stats in conn.info("commandstats").items()}
+        assert "cmdstat_multi" not in calls and "cmdstat_exec" not in calls, calls
+        assert calls.get("cmdstat_zadd", 0) >= 2, calls  # the started registry's expiry, pushed on
+        assert len(run.results()) == 1
+    finally:
+        pool.stop_all()
+        server.stop()
