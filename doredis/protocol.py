@@ -75,6 +75,10 @@ CHUNK_REDELIVERIES = 8
 #: ``DOREDIS_HEARTBEAT_TTL`` on such workers, or run them with ``--fork``.
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TTL = int(os.environ.get("DOREDIS_HEARTBEAT_TTL", 6))
+#: Every beat pushes on what expires within ``HEARTBEAT_TTL`` (the chunk's execution and its place
+#: in rq's started registry); what only tools show (the ``last_heartbeat`` fields of the worker,
+#: job and execution) and the TTLs of a minute or more are refreshed this often.
+HEARTBEAT_FULL_INTERVAL = 10.0
 #: How often an idle worker or a waiting driver sweeps rq's started registry for abandoned chunks.
 SWEEP_INTERVAL = 2.0
 #: Progressive results: a chunk that has run this long makes the results of the tasks it finished

@@ -59,6 +59,7 @@ class _DoredisMixin:
         self.stop_signalled = False  # SIGTERM/SIGINT: rq's loop ended (or will) on request
         self.completed = 0
         self._suspension_checked = float("-inf")
+        self._full_beat: tuple[str | None, float] = (None, float("-inf"))  # job id, when (monotonic)
         state.set_worker_name(self.name)
         os.register_at_fork(after_in_child=self._after_fork_in_child)
 
@@ -86,18 +87,31 @@ class _DoredisMixin:
         return protocol.HEARTBEAT_TTL
 
     def maintain_heartbeats(self, job, execution) -> None:
-        """rq's maintain_heartbeats (once a second while a chunk is in hand) without its MULTI/EXEC:
-        each write refreshes a timestamp or a TTL on its own, so nothing needs them together, and a
-        busy worker's beat costs 9 commands instead of 11 (64 busy workers: 128 fewer a second)."""
-        worker_ttl = self.job_monitoring_interval + 60
+        """rq's maintain_heartbeats (once a second while a chunk is in hand), lighter.
+
+        Every beat pushes on what the abandoned-chunk sweep reads, the chunk's execution TTL and
+        its expiry in rq's started registry (``HEARTBEAT_TTL``, 6 s): 2 commands. Every
+        ``HEARTBEAT_FULL_INTERVAL`` seconds, and at a chunk's first beat, it does all rq does: the
+        ``last_heartbeat`` fields that rq's tools show, and the worker's and the execution
+        registry's TTLs of a minute or more (9 commands). No MULTI/EXEC: each write refreshes one
+        timestamp or TTL, and nothing needs them applied together. A busy worker beats with ~2.7
+        commands a second instead of rq's 11 (64 busy workers: ~530 fewer a second)."""
+        ttl = int(self.get_heartbeat_ttl(job))
+        now = time.monotonic()
+        full = job.id != self._full_beat[0] or now - self._full_beat[1] >= protocol.HEARTBEAT_FULL_INTERVAL
         with self.connection.pipeline(transaction=False) as pipe:
+            if not full:
+                pipe.expire(execution.key, ttl)
+                job.started_job_registry.add_execution(execution, pipeline=pipe, ttl=ttl, xx=True)
+                pipe.execute()
+                return
+            worker_ttl = self.job_monitoring_interval + 60
             self.heartbeat(worker_ttl, pipeline=pipe)
-            working = (utcnow() - job.started_at).total_seconds() if job.started_at else 0.0
-            ttl = int(self.get_heartbeat_ttl(job, working_time=working))
             execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
             job_index = len(pipe)
             job.heartbeat(utcnow(), ttl, pipeline=pipe, xx=True)
             replies = pipe.execute()
+            self._full_beat = (job.id, now)
             # As rq does: the job ended meanwhile (result_ttl=0 deleted it) and this HSET created a
             # stub of it, or the worker's hash had expired and was created again without a TTL.
             if replies[job_index] == 1:
