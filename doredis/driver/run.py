@@ -363,7 +363,9 @@ class Run:
         in Redis as they are taken, so Redis holds no more than the window's worth."""
         if self.source is None or not self.source.streaming:
             return self.conn.hmget(self.keys.results, chunk_nos)
-        with self.conn.pipeline() as pipe:
+        # (no MULTI: a duplicate result written between the two finds its field taken, or gone,
+        # exactly as it would after both)
+        with self.conn.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.results, chunk_nos)
             pipe.hdel(self.keys.results, *chunk_nos)
             return pipe.execute()[0]
