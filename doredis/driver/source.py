@@ -9,7 +9,9 @@ again; a chunk that then runs twice is still delivered once.
 The same chunks are the submission window: at most ``window`` chunks are submitted ahead of the
 chunks whose results the caller has consumed. So the memory a run needs, in the driver and in
 Redis, is bounded by the window, not by the number of items: a generator of ten million items is
-read as the results are consumed (backpressure).
+read as the results are consumed (backpressure). A full window is refilled once
+``1 / REFILL_SHARE`` of it is free, in one batch (one round trip, one ``RPUSH``), not a chunk at a
+time as each result is consumed: at least 7/8 of the window stays queued ahead meanwhile.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from ..serialization import RQSerializer
 #: Chunks submitted ahead of the results consumed (``DOREDIS_WINDOW``): the default, or 8 per
 #: connected worker when that is more.
 DEFAULT_WINDOW = 64
+#: A full window is refilled when this share of it is free (window 64: 8 chunks at a time).
+REFILL_SHARE = 8
 
 
 def window_size(workers: int) -> int:
@@ -161,9 +165,11 @@ class RunSource:
                 self._room.notify_all()
 
     def wait_for_room(self, next_chunk: int) -> bool:
-        """Block until chunk ``next_chunk`` fits in the window; False once the run was stopped."""
+        """Block until chunk ``next_chunk`` fits in the window with room for a batch after it (a
+        ``1 / REFILL_SHARE`` share of the window); False once the run was stopped."""
+        last = next_chunk + max(1, self.window // REFILL_SHARE) - 1
         with self._room:
-            while next_chunk - self.consumed >= self.window and not self.stopped.is_set():
+            while last - self.consumed >= self.window and not self.stopped.is_set():
                 self._room.wait(0.5)
             return not self.stopped.is_set()
 
