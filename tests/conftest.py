@@ -43,6 +43,23 @@ def workers(redis_url: str, queue: str, tmp_path) -> Iterator[WorkerPool]:
     pool.stop_all()
 
 
+@pytest.fixture
+def own_redis_url() -> Iterator[str]:
+    """A redis-server of this test's own: nothing other tests left on the session's server shows
+    (its command counters, rq's lists of queues and workers)."""
+    server = RedisServer(tcp=True)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def own_workers(own_redis_url: str, queue: str, tmp_path) -> Iterator[WorkerPool]:
+    """Worker processes on the test's own server (``own_redis_url``)."""
+    pool = WorkerPool(own_redis_url, queue, tmp_path)
+    yield pool
+    pool.stop_all()
+
+
 @pytest.fixture(autouse=True)
 def _no_ambient_redis(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests name their server explicitly; an ambient DOREDIS_REDIS_URL must not leak in."""

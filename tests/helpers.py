@@ -31,6 +31,12 @@ def wait_until(
         raise AssertionError(str(exc)) from None
 
 
+def command_calls(conn: redis.Redis) -> dict[str, int]:
+    """Commands the server has run since its stats were reset, by ``cmdstat_<name>`` (scripts'
+    commands included)."""
+    return {name: stats["calls"] for name, stats in conn.info("commandstats").items()}
+
+
 def worker_count(conn: redis.Redis, queue: str) -> int:
     return connected_workers(conn, queue)
 

@@ -26,7 +26,7 @@ from rq import Queue, Worker
 
 import doredis
 from doredis import protocol
-from doredis.embedded import RedisServer, free_port, stop_process
+from doredis.embedded import free_port, stop_process
 
 CHROMIUM = os.environ.get("DOREDIS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = (
@@ -61,12 +61,10 @@ def _missing() -> str | None:
 
 
 @pytest.fixture
-def redis_url():
+def redis_url(own_redis_url):
     """A redis-server of this test's own: the dashboard lists every queue and worker on its
     server, and what other tests left on the session's server must not slow or confuse it."""
-    server = RedisServer(tcp=True)
-    yield server.url
-    server.stop()
+    return own_redis_url
 
 
 @pytest.fixture

@@ -7,14 +7,13 @@ import functools
 
 import pytest
 import tasks
-from helpers import WorkerPool, wait_until
+from helpers import command_calls, wait_until
 from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 import doredis
 from doredis import protocol
-from doredis.embedded import RedisServer
 
 
 @pytest.mark.timeout(60)
@@ -41,34 +40,29 @@ def test_rq_sees_the_chunk_started_on_a_busy_worker_and_nothing_once_done(redis_
 
 
 @pytest.mark.timeout(60)
-def test_a_chunk_in_hand_stays_alive_past_its_ttl_on_light_heartbeats(tmp_path, queue):
+def test_a_chunk_in_hand_stays_alive_past_its_ttl_on_light_heartbeats(own_redis_url, own_workers, queue):
     """A long chunk's execution and its expiry in rq's started registry (what the abandoned-chunk
     sweep reads) are pushed on every second, well past HEARTBEAT_TTL, with no MULTI/EXEC and
-    without rewriting the tools' last_heartbeat fields on every beat (every 10 s)."""
-    server = RedisServer(tcp=True)  # its own server: commandstats counts every client's commands
-    pool = WorkerPool(server.url, queue, tmp_path)
-    try:
-        conn = pool.conn
-        pool.start(1)
-        fn = functools.partial(tasks.started_at, seconds=14.0)
-        run = doredis.submit(range(1), fn, chunk_size=1, redis=server.url, queue=queue, progress=False)
-        registry = StartedJobRegistry(queue=Queue(queue, connection=conn))
+    without rewriting the tools' last_heartbeat fields on every beat (every 10 s). (Its own
+    server: the command counters see no other test's clients.)"""
+    conn = own_workers.conn
+    own_workers.start(1)
+    fn = functools.partial(tasks.started_at, seconds=14.0)
+    run = doredis.submit(range(1), fn, chunk_size=1, redis=own_redis_url, queue=queue, progress=False)
+    registry = StartedJobRegistry(queue=Queue(queue, connection=conn))
 
-        def expiry() -> float | None:
-            scores = conn.zrange(registry.key, 0, -1, withscores=True)
-            return scores[0][1] if scores else None
+    def expiry() -> float | None:
+        scores = conn.zrange(registry.key, 0, -1, withscores=True)
+        return scores[0][1] if scores else None
 
-        first = wait_until(expiry, 20, "the chunk in rq's started registry")
-        (execution_key,) = conn.keys("rq:execution:*")
-        conn.config_resetstat()  # from here on only the chunk's heartbeats write
-        wait_until(lambda: expiry() >= first + protocol.HEARTBEAT_TTL + 1, 12, "the expiry pushed on")
-        assert conn.exists(execution_key), "the execution expired under a live chunk"
-        calls = {name: stats["calls"] for name, stats in conn.info("commandstats").items()}
-        assert "cmdstat_multi" not in calls and "cmdstat_exec" not in calls, calls
-        beats = calls["cmdstat_zadd"]
-        assert beats >= 5, calls
-        assert calls.get("cmdstat_hset", 0) <= 3, calls  # at most one full beat in the window
-        assert len(run.results()) == 1
-    finally:
-        pool.stop_all()
-        server.stop()
+    first = wait_until(expiry, 20, "the chunk in rq's started registry")
+    (execution_key,) = conn.keys("rq:execution:*")
+    conn.config_resetstat()  # from here on only the chunk's heartbeats write
+    wait_until(lambda: expiry() >= first + protocol.HEARTBEAT_TTL + 1, 12, "the expiry pushed on")
+    assert conn.exists(execution_key), "the execution expired under a live chunk"
+    calls = command_calls(conn)
+    assert "cmdstat_multi" not in calls and "cmdstat_exec" not in calls, calls
+    beats = calls["cmdstat_zadd"]
+    assert beats >= 5, calls
+    assert calls.get("cmdstat_hset", 0) <= 3, calls  # at most one full beat in the window
+    assert len(run.results()) == 1

@@ -10,7 +10,7 @@ import pytest
 import redis
 import tasks
 import tasks_lifecycle
-from helpers import REPO, wait_until
+from helpers import REPO, command_calls, wait_until
 from rq.job import Job
 
 import doredis
@@ -54,11 +54,6 @@ def _memory(conn: redis.Redis, run_id: str) -> int:
         for key in _keys_of(conn, run_id)
         if key.startswith(f"{protocol.PREFIX}:")
     )
-
-
-def _calls(conn: redis.Redis) -> dict[str, int]:
-    """Commands the server has run so far, by name (scripts' commands included)."""
-    return {name: stats["calls"] for name, stats in conn.info("commandstats").items()}
 
 
 def _index_ttl_ok(conn: redis.Redis, queue: str, run_id: str) -> None:
@@ -151,11 +146,11 @@ def test_cancel_is_one_pass_over_the_queue_whatever_the_run_size(redis_url, queu
     wait_until(lambda: conn.llen(queue_key) == 3040, 60, "every chunk to be queued")
     others = [j for j in conn.lrange(queue_key, 0, -1) if not j.decode().startswith(f"dr-{big.id}-")]
 
-    calls = _calls(conn)
+    calls = command_calls(conn)
     began = time.monotonic()
     removed = big.cancel()
     elapsed = time.monotonic() - began
-    now = _calls(conn)
+    now = command_calls(conn)
 
     assert removed == 3000
     assert conn.lrange(queue_key, 0, -1) == others  # the other runs' chunks, in their order
@@ -175,10 +170,10 @@ def test_removing_a_run_s_jobs_keeps_the_rest_of_the_queue(conn, queue):
     queue_key = protocol.queue_list_key(queue)
     run_a, run_b = protocol.new_run_id(), protocol.new_run_id()
     conn.rpush(queue_key, "other-1", protocol.job_id(run_a, 0), "other-2", protocol.job_id(run_b, 0))
-    calls = _calls(conn)
+    calls = command_calls(conn)
     assert protocol.remove_run_jobs(conn, queue, protocol.new_run_id()) == []  # none: nothing written
     assert protocol.remove_run_jobs(conn, queue, run_a) == [protocol.job_id(run_a, 0)]  # one: LREM
-    now = _calls(conn)
+    now = command_calls(conn)
     for command in ("cmdstat_lpop", "cmdstat_rpush"):
         assert now.get(command) == calls.get(command), command
     assert conn.lrange(queue_key, 0, -1) == [b"other-1", b"other-2", protocol.job_id(run_b, 0).encode()]

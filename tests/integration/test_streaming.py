@@ -8,11 +8,10 @@ import tracemalloc
 
 import pytest
 import tasks
-from helpers import WorkerPool, wait_until
+from helpers import command_calls, wait_until
 
 import doredis
 from doredis import protocol
-from doredis.embedded import RedisServer
 
 
 class Drawn:
@@ -136,23 +135,19 @@ def test_a_run_that_fits_its_window_is_wholly_in_redis_and_a_streamed_one_says_a
 
 
 @pytest.mark.timeout(60)
-def test_a_full_window_is_refilled_in_batches_not_a_chunk_per_result(tmp_path, queue, monkeypatch):
+def test_a_full_window_is_refilled_in_batches_not_a_chunk_per_result(
+    own_redis_url, own_workers, queue, monkeypatch
+):
     """Each result consumed used to enqueue one chunk (one RPUSH and one round trip each); the
-    window is now refilled once an eighth of it is free, and the run is still complete and ordered."""
+    window is now refilled once an eighth of it is free, and the run is still complete and ordered.
+    (Its own server: the command counters see no other test's clients.)"""
     monkeypatch.setenv("DOREDIS_WINDOW", "32")  # refilled 4 chunks at a time
-    server = RedisServer(tcp=True)  # its own server: commandstats counts every client's commands
-    pool = WorkerPool(server.url, queue, tmp_path)
-    try:
-        pool.start(2)
-        pool.conn.config_resetstat()
-        chunks = 200
-        run = doredis.submit(range(chunks), tasks.square, chunk_size=1, redis=server.url, queue=queue,
-                             progress=False)
-        assert list(run) == [x * x for x in range(chunks)]
-        rpush = pool.conn.info("commandstats")["cmdstat_rpush"]["calls"]
-        queue_pushes = rpush - chunks  # (each result also RPUSHes its notification)
-        # the first window in doubling batches (1, 2, 4, 8, 16, 1), then (200 - 32) / 4 refills
-        assert queue_pushes <= 6 + (chunks - 32) // 4 + 2, queue_pushes
-    finally:
-        pool.stop_all()
-        server.stop()
+    own_workers.start(2)
+    own_workers.conn.config_resetstat()
+    chunks = 200
+    run = doredis.submit(range(chunks), tasks.square, chunk_size=1, redis=own_redis_url, queue=queue,
+                         progress=False)
+    assert list(run) == [x * x for x in range(chunks)]
+    queue_pushes = command_calls(own_workers.conn)["cmdstat_rpush"] - chunks  # (and one per result)
+    # the first window in doubling batches (1, 2, 4, 8, 16, 1), then (200 - 32) / 4 refills
+    assert queue_pushes <= 6 + (chunks - 32) // 4 + 2, queue_pushes
